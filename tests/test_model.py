@@ -1,0 +1,462 @@
+"""Model tests: HF parity (tiny random Llama / Qwen3, fp32 CPU), converters and round trips, packed-document
+masking, chunked cross-entropy, KV cache, presets, and one-line errors on bad checkpoints.
+
+    python3 -m pytest -q tests/test_model.py
+"""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from model import KVCache, ModelArgs, Transformer, get_preset, load_hf, save_hf
+
+V = 512  # vocab of the tiny presets
+
+
+def tiny(name, seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    args = get_preset(name)
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    m = Transformer(args)
+    m.init_weights()
+    with torch.no_grad():  # non-trivial norm weights, so a swapped or skipped norm shows in the logits
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    return m.eval()
+
+
+def one_line_error(excinfo, *needles):
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+
+def test_published_param_counts():
+    # Published totals (HF model cards / safetensors metadata; tied matrices counted once).
+    assert M.num_params(get_preset("llama3_2_1b")) == 1_235_814_400
+    assert M.num_params(get_preset("llama3_1_8b")) == 8_030_261_248
+    assert M.num_params(get_preset("qwen3_0_6b")) == 596_049_920
+    assert M.num_params(get_preset("qwen3_8b")) == 8_190_735_360
+    a = get_preset("llama3_2_1b")
+    assert M.num_params(a, exclude_embeddings=True) == 1_235_814_400 - a.vocab_size * a.dim
+
+
+def test_preset_fields():
+    for name in ("llama3_2_1b", "llama3_2_3b", "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b"):
+        assert get_preset(name).tie_embeddings, name
+    for name in ("llama3_1_8b", "llama3_1_70b", "qwen3_8b", "qwen3_14b", "qwen3_32b"):
+        assert not get_preset(name).tie_embeddings, name
+    for name in ("qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b"):
+        a = get_preset(name)
+        assert (a.head_dim, a.vocab_size, a.rope_theta, a.norm_eps, a.max_seq_len, a.qk_norm) == \
+            (128, 151936, 1e6, 1e-6, 40960, True)
+    assert get_preset("llama3_2_3b").rope_scaling["factor"] == 32.0
+    assert get_preset("llama3_1_8b").rope_scaling["factor"] == 8.0
+    t = get_preset("tiny_qwen3")
+    assert t.head_dim != t.dim // t.n_heads and t.tie_embeddings and t.qk_norm
+
+
+def test_get_preset_is_a_copy_and_unknown_raises():
+    a = get_preset("tiny_llama")
+    a.dim, a.rope_scaling["factor"] = 1, 99.0
+    assert get_preset("tiny_llama").dim == 64 and get_preset("tiny_llama").rope_scaling["factor"] == 8.0
+    with pytest.raises(ValueError) as e:
+        get_preset("llama9_70b")
+    one_line_error(e, "llama9_70b", "tiny_llama", "qwen3_8b")
+
+
+@pytest.mark.parametrize("name", list(M.PRESETS))
+def test_hf_config_round_trip(name):
+    a = get_preset(name)
+    cfg = json.loads(json.dumps(a.to_hf_config()))
+    assert ModelArgs.from_hf_config(cfg) == a
+
+
+def test_flops_per_token_counts_every_matmul():
+    a = get_preset("tiny_qwen3")  # tied: the head matmul still costs FLOPs
+    with torch.device("meta"):
+        m = Transformer(a)
+    linear = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    assert M.flops_per_token(a, 100) == 6 * linear + 6 * a.n_layers * a.n_heads * a.head_dim * 100
+
+
+def test_published_config_json_parses_to_presets():
+    # Verbatim field values of meta-llama/Llama-3.2-1B and Qwen/Qwen3-8B config.json (legacy rope keys).
+    llama = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+             "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+             "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072,
+             "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
+             "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+             "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                              "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+             "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+             "vocab_size": 128256}
+    qwen = {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+            "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960,
+            "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36,
+            "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+            "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+            "use_sliding_window": False, "vocab_size": 151936}
+    assert ModelArgs.from_hf_config(llama) == get_preset("llama3_2_1b")
+    assert ModelArgs.from_hf_config(qwen) == get_preset("qwen3_8b")
+
+
+# ---------------------------------------------------------------------------------------- config errors
+
+
+def _cfg(**kw):
+    cfg = get_preset("tiny_llama").to_hf_config()
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model_type", "mistral"), ("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"),
+    ("use_sliding_window", True), ("attention_dropout", 0.1), ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
+    ("layer_types", ["full_attention", "sliding_attention"]),
+])
+def test_from_hf_config_rejects_unsupported(field, value):
+    with pytest.raises(ValueError) as e:
+        ModelArgs.from_hf_config(_cfg(**{field: value}))
+    one_line_error(e, "yarn" if field == "rope_scaling" else field)
+
+
+def test_from_hf_config_smollm_style_and_v5_rope_parameters():
+    # SmolLM2-135M-like: 9 heads, 3 KV heads, no head_dim key -> HF's rule hidden_size // num_attention_heads.
+    cfg = _cfg(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, rope_scaling=None, rope_theta=1e5)
+    del cfg["head_dim"]
+    a = ModelArgs.from_hf_config(cfg)
+    assert (a.head_dim, a.n_heads, a.n_kv_heads, a.rope_scaling, a.rope_theta) == (64, 9, 3, None, 1e5)
+    # transformers >= 5 writes rope_parameters instead of rope_theta/rope_scaling
+    cfg = _cfg()
+    rope = dict(cfg.pop("rope_scaling"), rope_theta=cfg.pop("rope_theta"))
+    assert ModelArgs.from_hf_config(dict(cfg, rope_parameters=rope)) == get_preset("tiny_llama")
+
+
+# ------------------------------------------------------------------------------------------- HF parity
+
+
+def hf_model(kind, tie):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie)
+    if kind == "smollm":  # SmolLM2-135M's shape family: 9 heads, 3 KV heads, plain RoPE, tied
+        cfg = transformers.LlamaConfig(**dict(common, hidden_size=72, num_attention_heads=9, num_key_value_heads=3),
+                                       rope_theta=100000.0)
+    elif kind == "llama":  # original_max_position_embeddings 32: llama3 scaling bends every band at this size
+        cfg = transformers.LlamaConfig(**common, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32})
+    else:
+        cfg = transformers.Qwen3Config(**common, head_dim=32, rope_theta=1e6)  # head_dim != 64 // 4
+    torch.manual_seed(1)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if n.endswith("norm.weight") else 0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.mark.parametrize("kind,tie", [("llama", False), ("llama", True), ("qwen3", False), ("qwen3", True)])
+def test_hf_parity_both_directions(kind, tie, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = hf_model(kind, tie)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf")
+    assert ours.args.tie_embeddings == tie and ours.args.qk_norm == (kind == "qwen3")
+    assert (ours.output.weight is ours.tok_embeddings.weight) == tie
+    tokens = torch.randint(0, V, (2, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours(tokens)
+    assert (got - ref).abs().max() <= 1e-4
+    # export -> transformers loads it and computes the same logits
+    save_hf(ours, ours.args, tmp_path / "ours", generation_config={"bos_token_id": 1, "eos_token_id": [2, 3]})
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    assert back.config.tie_word_embeddings == tie and list(back.generation_config.eos_token_id) == [2, 3]
+    with torch.no_grad():
+        assert (back(tokens).logits - ref).abs().max() <= 1e-4
+
+
+def test_hf_parity_smollm_shape_head_dim_absent_from_config(tmp_path):
+    pytest.importorskip("transformers")
+    hf = hf_model("smollm", True)
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["head_dim"]  # older Llama / SmolLM2 configs have no head_dim
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = load_hf(tmp_path)
+    assert (ours.args.n_heads, ours.args.n_kv_heads, ours.args.head_dim) == (9, 3, 8)
+    tokens = torch.randint(0, V, (1, 16))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max() <= 1e-4
+
+
+def test_bf16_forward_keeps_fp32_rope_and_loss():
+    m = tiny("tiny_llama")
+    tokens = torch.randint(0, V, (1, 300))
+    with torch.no_grad():
+        ref = m(tokens)
+        m.to(torch.bfloat16)  # would round a RoPE buffer to bf16; ours is computed in fp32 every forward
+        logits, loss = m(tokens), m(tokens, labels=tokens)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert (logits.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------ round trips / Meta
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen3"])
+def test_save_load_bit_identical_sharded(name, tmp_path):
+    m = tiny(name)
+    sd = m.state_dict()
+    assert M.hf_to_ours(M.ours_to_hf(sd, m.args), m.args).keys() == dict(m.named_parameters()).keys()
+    save_hf(m, m.args, tmp_path, max_shard_bytes=100_000)  # forces several shards + index
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert ("lm_head.weight" in index["weight_map"]) == (not m.args.tie_embeddings)  # tied: saved once, as HF
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == [M._HF_ARCH[m.args.model_type]] and cfg["torch_dtype"] == "float32"
+    back = load_hf(tmp_path)
+    assert back.args == m.args
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert (back.output.weight is back.tok_embeddings.weight) == m.args.tie_embeddings
+    save_hf(m, m.args, tmp_path)  # re-export unsharded: stale shards must not survive
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+
+
+def test_load_hf_dtype(tmp_path):
+    m = tiny("tiny_llama")
+    save_hf(m, m.args, tmp_path)
+    b = load_hf(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in b.parameters())
+    assert torch.equal(b.tok_embeddings.weight, m.tok_embeddings.weight.bfloat16())
+
+
+@pytest.mark.parametrize("tie,n_shards", [(False, 1), (True, 1), (False, 2)])
+def test_meta_consolidated_format(tie, n_shards, tmp_path):
+    # Build Meta's layout from ours: interleaved-RoPE q/k rows (the inverse of HF's converter permute), Meta names,
+    # model-parallel shards split as fairscale does. Loading must give back the same model and logits.
+    m = tiny("tiny_llama", tie_embeddings=tie)
+    a = m.args
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    if tie:
+        sd["output.weight"] = sd["tok_embeddings.weight"].clone()  # Meta's files store the head even when tied
+    for i in range(a.n_layers):
+        for name, n in (("wq", a.n_heads), ("wk", a.n_kv_heads)):
+            key = f"layers.{i}.attention.{name}.weight"
+            assert torch.equal(M._meta_to_hf_qk(M._hf_to_meta_qk(sd[key], n), n), sd[key])
+            sd[key] = M._hf_to_meta_qk(sd[key], n)
+    for r in range(n_shards):
+        shard = {}
+        for k, v in sd.items():
+            dim = 1 if k.endswith(("wo.weight", "w2.weight")) else 0
+            shard[k] = v if k.endswith("norm.weight") else v.chunk(n_shards, dim=dim)[r].clone()
+        torch.save(shard, tmp_path / f"consolidated.{r:02d}.pth")
+    (tmp_path / "params.json").write_text(json.dumps({
+        "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads, "vocab_size": V,
+        "multiple_of": 32, "ffn_dim_multiplier": 1.0, "norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+        "use_scaled_rope": True}))
+    back = load_hf(tmp_path)
+    assert back.args.tie_embeddings == tie and back.args.hidden_dim == a.hidden_dim
+    assert back.args.rope_scaling == a.rope_scaling
+    tokens = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens), m(tokens), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- bad checkpoints
+
+
+def _saved(tmp_path, name="tiny_llama"):
+    m = tiny(name)
+    save_hf(m, m.args, tmp_path)
+    return m
+
+
+def _rewrite_safetensors(tmp_path, edit):
+    from safetensors.torch import load_file, save_file
+    f = tmp_path / "model.safetensors"
+    sd = load_file(f)
+    edit(sd)
+    save_file(sd, f)
+
+
+def test_error_missing_config(tmp_path):
+    _saved(tmp_path)
+    os.remove(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError) as e:
+        load_hf(tmp_path)
+    one_line_error(e, "config.json")
+    with pytest.raises(FileNotFoundError) as e:
+        load_hf(tmp_path / "nope")
+    one_line_error(e, "nope")
+
+
+def test_error_unsupported_model_type(tmp_path):
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="gemma")))
+    with pytest.raises(ValueError) as e:
+        load_hf(tmp_path)
+    one_line_error(e, "config.json", "model_type", "gemma")
+
+
+def test_error_missing_tensor(tmp_path):
+    _saved(tmp_path)
+    _rewrite_safetensors(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError) as e:
+        load_hf(tmp_path)
+    one_line_error(e, "missing tensor", "model.layers.1.mlp.up_proj.weight")
+
+
+def test_error_wrong_shape(tmp_path):
+    _saved(tmp_path)
+    _rewrite_safetensors(tmp_path, lambda sd: sd.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(ValueError) as e:
+        load_hf(tmp_path)
+    one_line_error(e, "model.safetensors", "model.norm.weight", "(65,)", "(64,)")
+
+
+def test_error_unexpected_tensor(tmp_path):
+    _saved(tmp_path)
+    _rewrite_safetensors(tmp_path, lambda sd: sd.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+    with pytest.raises(ValueError) as e:
+        load_hf(tmp_path)
+    one_line_error(e, "model.safetensors", "unexpected tensor", "q_proj.bias")
+
+
+def test_error_tied_head_differs(tmp_path):
+    _saved(tmp_path, "tiny_qwen3")
+    _rewrite_safetensors(tmp_path, lambda sd: sd.update({"lm_head.weight": torch.zeros(V, 64)}))
+    with pytest.raises(ValueError) as e:
+        load_hf(tmp_path)
+    one_line_error(e, "lm_head.weight", "tie_word_embeddings")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])  # truncated data / truncated header
+def test_error_truncated_safetensors(tmp_path, keep):
+    _saved(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(ValueError) as e:
+        load_hf(tmp_path)
+    one_line_error(e, str(f))
+
+
+# --------------------------------------------------------------------------- packing, loss, KV cache
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen3"])
+@pytest.mark.parametrize("flex", [False, True])
+def test_packed_row_equals_documents_alone(name, flex, monkeypatch):
+    monkeypatch.setattr(M, "USE_FLEX", flex)  # flex forward runs on CPU (eager); only its backward is GPU-only
+    m = tiny(name)
+    lens = [5, 9, 3]
+    docs = [torch.randint(0, V, (n,)) for n in lens]
+    tokens = torch.cat(docs)[None]  # (1,17)
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    doc_ids = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lens)])[None]
+    with torch.no_grad():
+        packed = m(tokens, positions=positions, doc_ids=doc_ids)[0]
+        alone = torch.cat([m(d[None])[0] for d in docs])
+        leaky = m(tokens, positions=positions)[0]  # without the document mask, later documents see earlier ones
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+    assert (leaky[5:] - alone[5:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen3"])
+def test_chunked_ce_matches_full_cross_entropy(name, monkeypatch):
+    monkeypatch.setattr(M, "CE_CHUNK", 7)  # several chunks and a ragged last one
+    m = tiny(name).train()
+    tokens = torch.randint(0, V, (2, 20))
+    labels = torch.randint(0, V, (2, 20))
+    labels[0, :6] = -100
+    labels[1, 15:] = -100
+    doc_ids = torch.tensor([[0] * 8 + [1] * 12, [0] * 20])
+    loss = m(tokens, doc_ids=doc_ids, labels=labels)
+    grads = [p.grad for p in (loss.backward(), m.parameters())[1]]
+    m.zero_grad()
+    ref = F.cross_entropy(m(tokens, doc_ids=doc_ids).float().flatten(0, 1), labels.flatten(), reduction="sum")
+    ref.backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, ref)
+    for g, p in zip(grads, m.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_chunked_ce_no_supervised_tokens_still_backprops():
+    m = tiny("tiny_llama").train()
+    loss = m(torch.randint(0, V, (1, 8)), labels=torch.full((1, 8), -100))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen3"])
+def test_kv_cache_matches_full_recompute(name):
+    m = tiny(name)
+    prompts = [torch.randint(0, V, (n,)) for n in (7, 3, 5)]
+    steps, B, P = 6, len(prompts), max(len(p) for p in prompts)
+    cont = torch.randint(0, V, (B, steps))  # tokens fed at each decode step (teacher forcing)
+    cache = KVCache(m.args, B, P + steps, device="cpu", dtype=torch.float32)
+    padded = torch.zeros(B, P, dtype=torch.long)  # right-padded with token 0
+    for b, p in enumerate(prompts):
+        padded[b, :len(p)] = p
+    lens = torch.tensor([len(p) for p in prompts])
+    with torch.no_grad():
+        logits = m(padded, positions=torch.arange(P).expand(B, P), cache=cache)
+        for b, p in enumerate(prompts):  # prefill: each prompt's last real position
+            torch.testing.assert_close(logits[b, len(p) - 1], m(p[None])[0, -1], rtol=0, atol=1e-5)
+        for t in range(steps):
+            step = m(cont[:, t:t + 1], positions=(lens + t)[:, None], cache=cache)[:, 0]
+            for b, p in enumerate(prompts):
+                full = m(torch.cat([p, cont[b, :t + 1]])[None])[0, -1]
+                torch.testing.assert_close(step[b], full, rtol=0, atol=1e-5)
+
+
+def test_meta_device_init_and_errors():
+    with torch.device("meta"):
+        m = Transformer(get_preset("tiny_qwen3"))
+    m.to_empty(device="cpu")
+    m.init_weights()
+    assert m.output.weight is m.tok_embeddings.weight
+    assert torch.isfinite(m(torch.randint(0, V, (1, 4)))).all()
+    with pytest.raises(ValueError) as e:
+        m(torch.zeros(1, 4097, dtype=torch.long))
+    one_line_error(e, "4097", "max_seq_len")
+    with pytest.raises(ValueError) as e:
+        m(torch.zeros(1, 2, dtype=torch.long), cache=KVCache(m.args, 1, 8, "cpu", torch.float32))
+    one_line_error(e, "positions")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention backward and BlockMask kernels need CUDA")
+def test_cuda_flex_matches_sdpa_mask_forward_and_backward(monkeypatch):
+    m = tiny("tiny_qwen3").cuda().train()
+    tokens = torch.randint(0, V, (2, 300), device="cuda")
+    doc_ids = torch.tensor([[0] * 100 + [1] * 150 + [2] * 50, [0] * 300], device="cuda")
+    positions = torch.cat([torch.arange(100), torch.arange(150), torch.arange(50)]).cuda()[None].repeat(2, 1)
+    positions[1] = torch.arange(300)
+    out = {}
+    for flex in (True, False):
+        monkeypatch.setattr(M, "USE_FLEX", flex)
+        m.zero_grad()
+        loss = m(tokens, positions=positions, doc_ids=doc_ids, labels=tokens)
+        loss.backward()
+        out[flex] = (loss.detach(), [p.grad.clone() for p in m.parameters()])
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-3)
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
