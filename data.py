@@ -1,0 +1,776 @@
+"""SFT data: JSONL / Parquet / Hugging Face Hub sources -> tokenized once into a memmap cache -> static, dynamic or
+packed batches, formed globally and strided over data-parallel ranks, resumable, prefetched in a thread.
+
+    python data.py configs/demo.yaml [dataset.max_seq_len=512 ...]     # dataset report (drops, padding, masks)
+    loader = build_loader(cfg.dataset, tokenizer, "train", rank, world_size, seed=0, device="cuda")
+    batch = next(loader); loss_sum = model(batch.tokens, batch.positions, batch.doc_ids, labels=batch.labels)
+
+Sources (dataset.path): a .jsonl/.parquet file (the train split only); a directory with <split>.jsonl,
+<split>/**/*.jsonl or, as the Hub lays datasets out, **/<split>-*.jsonl (.parquet too: needs pyarrow); or
+hg://org/name[/subdir], fetched by huggingface_hub.snapshot_download (HF_HUB_CACHE/HF_HOME/HF_HUB_OFFLINE apply).
+Records: {"src", "tgt"} (names from src_field/tgt_field: GSM8K is question/answer) or {"messages" | "chat": [{"role":
+system|user|assistant, "content"}]} rendered by tokenizer.render_chat. chat_mode: true renders src/tgt as one
+user/assistant exchange. Otherwise src and tgt are encoded SEPARATELY and concatenated, ids = encode(src) +
+encode(tgt), so the prompt's ids are always a prefix of the example (no BPE merge across the boundary: the same ids
+a generation prompt gets); source/target_encode_mode: prompt = bos+text, prompt_response = text+eos, as_is = text.
+Target tokens and their eos / end-of-turn are trained, prompt tokens only with train_on_prompt.
+
+Lengths are MODEL tokens: n ids give n-1 inputs (tokens = ids[:-1], labels = ids[1:] where mask[1:] else -100).
+Examples under min_seq_len, over max_seq_len or with no supervised label are dropped and counted by reason.
+truncate: true cuts long examples instead: first the prompt, just after its first token (bos / first header token
+kept; the prompt's end, next to the answer, kept longest), then the end of the response (eos included); an
+example is never kept with 0 supervised tokens.
+
+Cache: <cache_dir or ~/.cache/sft/data>/<name>-<split>-<hash>/{tokens.bin uint32, mask.bin uint8, offsets.bin
+int64 (n+1), meta.json}. The hash covers the source files (path, size, mtime), the tokenizer (its `fingerprint`
+attribute, else class name, vocab size, special ids, chat format, the ids of a probe text and chat, and the bytes of
+tokenizer.files) and the encoding options; batching options are not in it (batches are planned at start-up). The
+node-local rank 0 builds it with forked worker processes into a temp dir renamed into place when complete; the
+other ranks wait at a torch.distributed barrier.
+
+Batching, per epoch, GLOBAL (from seed and epoch only): packing (default): best-fit-decreasing into rows of
+max_seq_len with per-document positions and doc_ids (the model's document mask keeps attention inside a
+document; labels never cross one), max_num_tokens // max_seq_len rows per batch (or batch_size, or 1);
+batch_size: static batches padded to their longest; max_num_tokens: dynamic batches of similar lengths (sorted,
+random among equal lengths) with padded B*T <= max_num_tokens. Rank r takes global batches r, r+W, r+2W, ... of
+an endless stream of reshuffled epochs. The state is the global position of the next batch no rank has taken
+({"epoch", "index"}, equal on all ranks): a resumed run sees exactly the batches an uninterrupted one would, and
+at another world size W' the global stream continues (rank r' takes P + r', P + r' + W', ...).
+"""
+import atexit
+import bisect
+import dataclasses
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import random
+import shutil
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CACHE_VERSION = 1
+ENCODE_MODES = ("prompt", "prompt_response", "as_is")
+ROLES = ("system", "user", "assistant")
+POOL_MIN_BYTES = 1 << 20  # below ~1 MB of data, forking tokenizer workers costs more than it saves
+
+
+@dataclass
+class DatasetConfig:
+    path: str = ""                   # .jsonl/.parquet file | directory | hg://org/name[/subdir]
+    train_split: str = "train"
+    valid_split: str = ""            # "" = no validation set
+    src_field: str = "src"
+    tgt_field: str = "tgt"
+    messages_field: str = "messages" # a "chat" field is read too (fairseq2)
+    chat_mode: bool = False          # src/tgt -> one user/assistant exchange in the tokenizer's chat format
+    source_encode_mode: str = "prompt"            # prompt: bos+text | prompt_response: text+eos | as_is: text
+    target_encode_mode: str = "prompt_response"
+    train_on: str = "assistant"      # chat: assistant | last_assistant | all
+    train_on_prompt: bool = False
+    min_seq_len: int = 1             # in model tokens (ids - 1)
+    max_seq_len: int = 2048
+    truncate: bool = False           # truncate too-long examples instead of dropping them
+    batch_size: int = 0              # static batches of N examples (or N packed rows)
+    max_num_tokens: int = 0          # dynamic batches: padded B*T <= this (packing: this // max_seq_len rows)
+    packing: bool = True
+    shuffle: bool = True
+    num_prefetch: int = 2            # batches prepared ahead in a background thread (0 = synchronous)
+    cache_dir: str = ""              # "" = ~/.cache/sft/data
+    skip_bad_examples: bool = False  # count and skip bad lines instead of raising
+    num_workers: int = 0             # tokenizer processes for the cache build (0 = one per CPU, at most 8)
+    generate_demo: bool = False      # write make_demo_data(path) first when path holds no data yet
+    demo_n_train: int = 4000
+    demo_n_valid: int = 200
+    demo_max_value: int = 999
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor             # (B,T) long
+    labels: torch.Tensor             # (B,T) long, -100 = not supervised; labels[b,t] is the target of tokens[b,t]
+    positions: torch.Tensor          # (B,T) long, restart at 0 for every document
+    doc_ids: torch.Tensor | None     # (B,T) int32 document index per token (packed rows only)
+    num_tokens: int                  # real (non-pad) tokens
+    num_label_tokens: int            # labels != -100
+
+    def to(self, device, non_blocking=False) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        return Batch(move(self.tokens), move(self.labels), move(self.positions), move(self.doc_ids),
+                     self.num_tokens, self.num_label_tokens)
+
+    def pin_memory(self) -> "Batch":
+        pin = lambda t: None if t is None else t.pin_memory()
+        return Batch(pin(self.tokens), pin(self.labels), pin(self.positions), pin(self.doc_ids),
+                     self.num_tokens, self.num_label_tokens)
+
+
+class BadExample(ValueError):
+    """One bad input line: `reason` is the counter key used with skip_bad_examples."""
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+
+def resolve_files(path: str, split: str) -> list[str]:
+    """The data files of one split, sorted (their order is part of the data order)."""
+    if not path:
+        raise ValueError("dataset.path is empty: set it to a .jsonl file, a directory or hg://org/name")
+    if path.startswith("hg://"):
+        path = hub_snapshot(path)
+    if os.path.isfile(path):
+        return [os.path.abspath(path)]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"dataset.path {path} does not exist")
+    exts = ("jsonl", "parquet")
+    for patterns in ([f"{split}.{e}" for e in exts],
+                     [f"{split}/**/*.{e}" for e in exts],
+                     [f"**/{split}.{e}" for e in exts] + [f"**/{split}-*.{e}" for e in exts]):
+        files = sorted({os.path.abspath(f) for p in patterns for f in glob.glob(os.path.join(path, p), recursive=True)})
+        if files:
+            return files
+    raise FileNotFoundError(f"no data for split '{split}' in {path}: expected {split}.jsonl, {split}/**/*.jsonl "
+                            f"or **/{split}-*.jsonl (or .parquet)")
+
+
+def hub_snapshot(url: str) -> str:
+    """hg://org/name[/subdir] -> the local snapshot dir of the Hub dataset (downloaded or from the HF cache)."""
+    parts = url[len("hg://"):].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"dataset.path {url}: expected hg://org/name or hg://org/name/subdir")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"dataset.path {url} needs huggingface_hub: pip install huggingface_hub") from None
+    repo_id = "/".join(parts[:2])
+    try:
+        root = snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=["*.jsonl", "*.parquet"])
+    except Exception as e:  # offline without a cached snapshot, no such repo, network errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FileNotFoundError(f"dataset.path {url}: cannot get Hub dataset {repo_id} "
+                                f"({type(e).__name__}: {first})") from None
+    return os.path.join(root, *parts[2:])
+
+
+def read_records(file: str):
+    """Yield (where, raw) for every non-blank record: raw is a bytes line (JSONL) or a dict (Parquet)."""
+    if file.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"{file}: reading Parquet needs pyarrow: pip install pyarrow") from None
+        for i, row in enumerate(pq.read_table(file).to_pylist()):
+            yield f"{file}:row {i + 1}", row
+        return
+    with open(file, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Windows editors)
+                line = line[3:]
+            line = line.rstrip(b"\r\n")  # CRLF
+            if line.strip():
+                yield f"{file}:{lineno}", line
+
+
+def parse_record(where: str, raw) -> dict:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadExample("invalid_utf8", f"{where}: invalid UTF-8 at byte {e.start}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadExample("invalid_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise BadExample("invalid_json", f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding: record -> (ids, mask), mask[i] = 1 iff ids[i] is a supervised target
+
+def _string_field(obj, key, where):
+    if key not in obj:
+        raise BadExample("missing_field", f"{where}: missing field '{key}' (keys: {', '.join(sorted(obj))[:200]})")
+    if not isinstance(obj[key], str):
+        raise BadExample("bad_field", f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
+    return obj[key]
+
+
+def _render(tokenizer, messages, train_on, where):
+    try:
+        return tokenizer.render_chat(messages, train_on=train_on)
+    except ValueError as e:  # e.g. a role the chat format lacks: name the line
+        raise BadExample("bad_field", f"{where}: {e}") from None
+
+
+def encode_example(obj: dict, cfg: DatasetConfig, tokenizer, where: str) -> tuple[list[int], list[int]]:
+    train_on = "all" if cfg.train_on_prompt else cfg.train_on
+    key = cfg.messages_field if cfg.messages_field in obj else "chat" if "chat" in obj else None
+    if key is not None:
+        messages = obj[key]
+        if not isinstance(messages, list) or not messages:
+            raise BadExample("bad_field", f"{where}: field '{key}' must be a non-empty list of messages")
+        for j, m in enumerate(messages):
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+                raise BadExample("bad_field", f"{where}: {key}[{j}] must be {{\"role\": system|user|assistant, "
+                                              f"\"content\": string}}, got {str(m)[:100]}")
+        return _render(tokenizer, messages, train_on, where)
+    src = _string_field(obj, cfg.src_field, where)
+    tgt = _string_field(obj, cfg.tgt_field, where)
+    if not tgt:
+        raise BadExample("empty_target", f"{where}: field '{cfg.tgt_field}' is empty (nothing to train on)")
+    if cfg.chat_mode:
+        return _render(tokenizer, [{"role": "user", "content": src}, {"role": "assistant", "content": tgt}],
+                       train_on, where)
+    s_mode, t_mode = cfg.source_encode_mode, cfg.target_encode_mode
+    s = tokenizer.encode(src, bos=s_mode == "prompt", eos=s_mode == "prompt_response")
+    t = tokenizer.encode(tgt, bos=t_mode == "prompt", eos=t_mode == "prompt_response")
+    return s + t, [int(cfg.train_on_prompt)] * len(s) + [1] * len(t)
+
+
+def truncate_example(ids, mask, max_ids):
+    """Cut to max_ids ids, prompt first (after its first token), then the response's end; None if nothing
+    supervised would remain."""
+    first = mask.index(1) if 1 in mask else len(mask)
+    cut = min(len(ids) - max_ids, max(first - 1, 0))
+    ids, mask = (ids[:1] + ids[1 + cut:])[:max_ids], (mask[:1] + mask[1 + cut:])[:max_ids]
+    return (ids, mask) if any(mask[1:]) else None
+
+
+def _encode_chunk(chunk):
+    """Worker: [(where, raw)] -> flat ids, mask, lengths, drop counters, first skip messages."""
+    cfg, tokenizer = _WORKER
+    ids_out, mask_out, lengths, drops, messages, label_tokens = [], [], [], Counter(), [], 0
+    for where, raw in chunk:
+        try:
+            ids, mask = encode_example(parse_record(where, raw), cfg, tokenizer, where)
+        except BadExample as e:
+            if not cfg.skip_bad_examples:
+                raise ValueError(str(e)) from None  # plain ValueError: pickles back from a worker unchanged
+            drops[e.reason] += 1
+            messages.append(str(e))
+            continue
+        n = len(ids) - 1  # model tokens
+        if n < cfg.min_seq_len:
+            drops["too_short"] += 1
+            continue
+        if n > cfg.max_seq_len:
+            kept = truncate_example(list(ids), list(mask), cfg.max_seq_len + 1) if cfg.truncate else None
+            if kept is None:
+                drops["too_long"] += 1
+                continue
+            ids, mask = kept
+            drops["truncated"] += 1  # kept; reported apart from the drops
+        if not any(mask[1:]):
+            drops["no_supervised"] += 1
+            continue
+        ids_out.extend(ids)
+        mask_out.extend(mask)
+        lengths.append(len(ids))
+        label_tokens += sum(mask[1:])
+    return (np.asarray(ids_out, np.uint32), np.asarray(mask_out, np.uint8), lengths, drops, messages[:5],
+            label_tokens, len(chunk))
+
+
+_WORKER = None  # (cfg, tokenizer), inherited by forked workers so the tokenizer is never pickled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenize-once cache
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's `fingerprint` if it has one, else a hash of what decides its ids (see module docstring)."""
+    fp = getattr(tokenizer, "fingerprint", None)
+    if fp:
+        return str(fp)
+    h = hashlib.sha256()
+    probe = "Hello, world! 12345 <|eot_id|> <|im_end|> héllo\n\n  x"
+    parts = [type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+             getattr(tokenizer, "eot_id", None), getattr(tokenizer, "chat_format", None), tokenizer.encode(probe)]
+    try:
+        parts.append(tokenizer.render_chat([{"role": "user", "content": "2+2?"},
+                                            {"role": "assistant", "content": "4"}]))
+    except Exception:  # no chat format: chat data would fail at encoding anyway
+        pass
+    h.update(json.dumps(parts, default=str).encode())
+    for f in sorted(str(f) for f in getattr(tokenizer, "files", None) or []):  # tokenizer.py's source files
+        with open(f, "rb") as fh:
+            h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()
+
+
+ENCODE_OPTIONS = ("src_field", "tgt_field", "messages_field", "chat_mode", "source_encode_mode", "target_encode_mode",
+                  "train_on", "train_on_prompt", "min_seq_len", "max_seq_len", "truncate", "skip_bad_examples")
+
+
+def cache_path(files, cfg: DatasetConfig, tokenizer, split) -> str:
+    key = {"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
+           "files": [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+           "options": {k: getattr(cfg, k) for k in ENCODE_OPTIONS}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    root = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "sft", "data")
+    name = os.path.basename(cfg.path.rstrip("/")).replace(".jsonl", "").replace(".parquet", "") or "data"
+    return os.path.join(root, f"{name}-{split}-{digest}")
+
+
+def _chunks(files, cfg, drops: Counter, size=512):
+    """Records in chunks for the workers; an empty file is an error (or a counted skip)."""
+    chunk = []
+    for file in files:
+        count = 0
+        for record in read_records(file):
+            count += 1
+            chunk.append(record)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if count == 0:
+            if not cfg.skip_bad_examples:
+                raise ValueError(f"{file}: empty file (no examples)")
+            drops["empty_file"] += 1
+    if chunk:
+        yield chunk
+
+
+def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
+    """Tokenize `files` into out_dir (written to a temp dir, renamed into place when complete)."""
+    global _WORKER
+    t0 = time.time()
+    tmp = f"{out_dir}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
+    os.makedirs(tmp)
+    workers = cfg.num_workers or min(os.cpu_count() or 1, 8)
+    drops, messages, lengths, num_read, label_tokens = Counter(), [], [0], 0, 0
+    _WORKER = (cfg, tokenizer)
+    pool = None
+    try:
+        if workers > 1 and sum(os.path.getsize(f) for f in files) > POOL_MIN_BYTES:
+            pool = multiprocessing.get_context("fork").Pool(workers)
+        chunks = _chunks(files, cfg, drops)
+        results = pool.imap(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
+        with open(f"{tmp}/tokens.bin", "wb") as ft, open(f"{tmp}/mask.bin", "wb") as fm:
+            for ids, mask, lens, d, msgs, nl, nr in results:
+                ft.write(ids.tobytes())
+                fm.write(mask.tobytes())
+                lengths.extend(lens)
+                drops.update(d)
+                messages.extend(msgs)
+                label_tokens += nl
+                num_read += nr
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _WORKER = None
+        if pool:
+            pool.terminate()
+    for m in messages[:5]:
+        print(f"data: skipped {m}", file=sys.stderr)
+    if len(lengths) == 1:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{', '.join(files)[:300]}: no usable examples (read {num_read}, dropped "
+                         f"{dict(drops) or 'none'}); check the field names and min_seq_len/max_seq_len")
+    offsets = np.cumsum(np.asarray(lengths, np.int64))
+    offsets.tofile(f"{tmp}/offsets.bin")
+    meta = {"files": files, "num_read": num_read, "num_examples": len(lengths) - 1, "num_ids": int(offsets[-1]),
+            "num_label_tokens": int(label_tokens), "truncated": drops.pop("truncated", 0),
+            "drops": dict(sorted(drops.items())),
+            "build_seconds": round(time.time() - t0, 3), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "options": {k: getattr(cfg, k) for k in ENCODE_OPTIONS}}
+    with open(f"{tmp}/meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+    try:
+        os.rename(tmp, out_dir)  # atomic: readers see a complete cache or none
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(out_dir):
+            raise
+
+
+class TokenizedData:
+    """A built cache, memory-mapped: example i is ids tokens[offsets[i]:offsets[i+1]] with mask[...]."""
+    def __init__(self, directory):
+        self.meta = _read_json(os.path.join(directory, "meta.json"))
+        self.directory = directory
+        self.offsets = np.fromfile(os.path.join(directory, "offsets.bin"), np.int64)
+        n = int(self.offsets[-1])
+        self.tokens = np.memmap(os.path.join(directory, "tokens.bin"), np.uint32, "r", shape=(n,))
+        self.mask = np.memmap(os.path.join(directory, "mask.bin"), np.uint8, "r", shape=(n,))
+        self.lengths = np.diff(self.offsets) - 1  # model tokens per example
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def example(self, i) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b].astype(np.int64), self.mask[a:b]
+
+
+def _dist_barrier():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _is_builder(rank):
+    """Node-local rank 0 builds shared files; without torch.distributed every process builds what is missing
+    (the atomic rename makes concurrent builds safe)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(os.environ.get("LOCAL_RANK", rank)) == 0
+    return True
+
+
+def load_data(cfg: DatasetConfig, tokenizer, split: str, rank: int = 0) -> TokenizedData:
+    """The split's tokenized cache: built (or downloaded, for hg://) by the builder first, opened by all."""
+    if os.path.isfile(cfg.path) and split != cfg.train_split:  # never validate on the training file by accident
+        raise ValueError(f"dataset.path {cfg.path} is one file, the '{cfg.train_split}' split; a '{split}' split "
+                         "needs a directory with both (or set valid_split: '')")
+    builder = _is_builder(rank)
+    if builder:
+        files = resolve_files(cfg.path, split)
+        out_dir = cache_path(files, cfg, tokenizer, split)
+        if not os.path.isdir(out_dir):
+            build_cache(files, cfg, tokenizer, out_dir)
+    _dist_barrier()
+    if not builder:
+        out_dir = cache_path(resolve_files(cfg.path, split), cfg, tokenizer, split)
+    return TokenizedData(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batching: a plan is a list of global batches, each a list of rows, each a list of example indices
+
+def best_fit_decreasing(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """Pack examples (longest first, ties in `order`'s order) into rows of `capacity` tokens, each into the row
+    it fills best. `free` is sorted (remaining << 32 | row) so bisect finds the tightest row in O(log rows)."""
+    rows, free = [], []
+    for i in order[np.argsort(-lengths[order], kind="stable")].tolist():
+        n = int(lengths[i])
+        k = bisect.bisect_left(free, n << 32)
+        if k == len(free):
+            rows.append([i])
+            r, left = len(rows) - 1, capacity - n
+        else:
+            key = free.pop(k)
+            r, left = key & 0xFFFFFFFF, (key >> 32) - n
+            rows[r].append(i)
+        if left > 0:
+            bisect.insort(free, (left << 32) | r)
+    return rows
+
+
+def rows_per_batch(cfg: DatasetConfig) -> int:
+    return cfg.max_num_tokens // cfg.max_seq_len if cfg.max_num_tokens else cfg.batch_size or 1
+
+
+def plan_epoch(lengths: np.ndarray, cfg: DatasetConfig, seed: int, epoch: int, shuffle: bool) -> list:
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    if cfg.packing:
+        rows = best_fit_decreasing(lengths, order, cfg.max_seq_len)
+        if shuffle:
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+        r = rows_per_batch(cfg)
+        return [rows[i:i + r] for i in range(0, len(rows), r)]
+    if cfg.batch_size:
+        order = order.tolist()
+        return [[[i] for i in order[j:j + cfg.batch_size]] for j in range(0, len(order), cfg.batch_size)]
+    # dynamic: ascending length (random among equal lengths), cut when the padded size would exceed the budget
+    batches, cur = [], []
+    for i in order[np.argsort(lengths[order], kind="stable")].tolist():
+        if cur and (len(cur) + 1) * int(lengths[i]) > cfg.max_num_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append([i])
+    batches.append(cur)
+    return [batches[i] for i in rng.permutation(len(batches))] if shuffle else batches
+
+
+def real_token_fraction(plan, lengths, cfg: DatasetConfig) -> float:
+    """Real (non-pad) tokens / padded B*T over a plan."""
+    real = padded = 0
+    for batch in plan:
+        row_lens = [int(lengths[row].sum()) for row in batch]
+        real += sum(row_lens)
+        padded += len(batch) * (cfg.max_seq_len if cfg.packing else max(row_lens))
+    return real / max(padded, 1)
+
+
+def collate(data: TokenizedData, batch, pad_id: int, packed_len: int | None) -> Batch:
+    """Rows of examples -> Batch, in a few vectorized gathers. packed_len: the fixed row length of packed batches
+    (then doc_ids are set, and the padding of a row forms its own document so that it attends to nothing real)."""
+    docs = np.array([i for row in batch for i in row], np.int64)                   # (D,) examples in row order
+    row_of_doc = np.repeat(np.arange(len(batch)), [len(row) for row in batch])     # (D,)
+    local_doc = np.concatenate([np.arange(len(row)) for row in batch])            # (D,) index within its row
+    n = data.lengths[docs]                                                         # (D,) model tokens per doc
+    fill = np.bincount(row_of_doc, weights=n, minlength=len(batch)).astype(np.int64)  # (B,) real tokens per row
+    B, T = len(batch), packed_len or int(fill.max())
+    start_col = np.cumsum(n) - n                                                   # docs laid end to end ...
+    start_col -= (np.cumsum(fill) - fill)[row_of_doc]                              # ... restarting every row
+    doc_of_tok = np.repeat(np.arange(len(docs)), n)                                # (N,) N = real tokens
+    pos = np.arange(len(doc_of_tok)) - np.repeat(np.cumsum(n) - n, n)              # (N,) position in its doc
+    src = data.offsets[docs][doc_of_tok] + pos                                     # (N,) into the flat ids
+    rows, cols = row_of_doc[doc_of_tok], start_col[doc_of_tok] + pos
+    nxt = data.tokens[src + 1].astype(np.int64)                                    # the shift stays inside a doc
+    tokens = np.full((B, T), pad_id, np.int64)
+    labels = np.full((B, T), -100, np.int64)
+    positions = np.arange(T, dtype=np.int64)[None] - (fill[:, None] if packed_len else 0)  # pads: own positions
+    positions = np.broadcast_to(positions, (B, T)).copy()
+    doc_ids = np.repeat(np.array([len(row) for row in batch], np.int32)[:, None], T, axis=1)  # pads: own doc
+    tokens[rows, cols] = data.tokens[src]
+    labels[rows, cols] = np.where(data.mask[src + 1] == 1, nxt, -100)
+    positions[rows, cols] = pos
+    doc_ids[rows, cols] = local_doc[doc_of_tok]
+    return Batch(torch.from_numpy(tokens), torch.from_numpy(labels), torch.from_numpy(positions),
+                 torch.from_numpy(doc_ids) if packed_len else None, int(fill.sum()), int((labels != -100).sum()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loader
+
+_END = object()
+_THREADS = []  # (stop event, thread) of live prefetchers, stopped at exit: a daemon thread killed inside torch aborts
+
+
+@atexit.register
+def _stop_prefetchers():
+    for stop, thread in _THREADS:
+        stop.set()
+        thread.join(timeout=1.0)
+
+
+def _prefetch(gen, depth, stop: threading.Event):
+    """Run generator `gen` in a daemon thread, `depth` items ahead; exceptions re-raise in the consumer."""
+    q = queue.Queue(maxsize=depth)
+
+    def work():
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # surfaced to the consumer, not lost in the thread
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name="data-prefetch")
+    _THREADS[:] = [(s, t) for s, t in _THREADS if t.is_alive()] + [(stop, thread)]
+    thread.start()
+    while True:
+        item = q.get()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class Loader:
+    """Iterator of Batch for one rank (see the module docstring for order, striding and resume)."""
+
+    def __init__(self, data: TokenizedData, cfg: DatasetConfig, rank, world_size, seed, device, infinite, pad_id):
+        self.data, self.cfg, self.rank, self.world_size, self.seed = data, cfg, rank, world_size, seed
+        self.device, self.infinite, self.pad_id = torch.device(device), infinite, pad_id
+        self.shuffle = cfg.shuffle and infinite  # a validation pass is always in file order
+        self._plans = {}
+        self.batches_per_epoch = len(self.plan(0))  # global batches per epoch
+        self.epoch, self.index = 0, 0  # global position of the next batch no rank has taken yet
+        self._it, self._stop = None, threading.Event()
+
+    def plan(self, epoch) -> list:
+        if epoch not in self._plans:  # the producer thread's plans (the consumer only counts batches)
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}  # keep at most 2 epochs
+            self._plans[epoch] = plan_epoch(self.data.lengths, self.cfg, self.seed, epoch, self.shuffle)
+            # The count depends only on the multiset of lengths (ties never change it), so it is per-loader.
+            assert epoch == 0 or len(self._plans[epoch]) == self.batches_per_epoch
+        return self._plans[epoch]
+
+    def _advance(self, epoch, index, k):
+        epoch_add, index = divmod(index + k, self.batches_per_epoch)
+        return epoch + epoch_add, index
+
+    def _batches(self, epoch, index):
+        packed_len = self.cfg.max_seq_len if self.cfg.packing else None
+        pin = self.device.type == "cuda"
+        if self.infinite:
+            epoch, index = self._advance(epoch, index, self.rank)
+            while True:
+                batch = collate(self.data, self.plan(epoch)[index], self.pad_id, packed_len)
+                yield batch.pin_memory() if pin else batch
+                epoch, index = self._advance(epoch, index, self.world_size)
+        else:  # one pass; every rank yields ceil(n / W) batches, fillers (labels all -100) pad the last round
+            n = self.batches_per_epoch
+            for g in range(index + self.rank, index + self.world_size * -(-(n - index) // self.world_size),
+                           self.world_size):
+                batch = collate(self.data, self.plan(epoch)[g % n], self.pad_id, packed_len)
+                if g >= n:
+                    batch.labels.fill_(-100)
+                    batch.num_label_tokens = 0
+                yield batch.pin_memory() if pin else batch
+
+    def __iter__(self):
+        if not self.infinite:  # every `for` over a validation loader is a full pass
+            self.load_state_dict({"epoch": 0, "index": 0})
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._stop = threading.Event()
+            gen = self._batches(self.epoch, self.index)
+            self._it = _prefetch(gen, self.cfg.num_prefetch, self._stop) if self.cfg.num_prefetch > 0 else gen
+        batch = next(self._it)
+        self.epoch, self.index = self._advance(self.epoch, self.index, self.world_size)
+        return batch.to(self.device, non_blocking=True) if self.device.type != "cpu" else batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "batches_per_epoch": self.batches_per_epoch}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if (sd.get("batches_per_epoch", self.batches_per_epoch), sd.get("seed", self.seed)) != \
+                (self.batches_per_epoch, self.seed):
+            raise ValueError(f"data loader state (seed {sd.get('seed')}, {sd.get('batches_per_epoch')} batches/epoch) "
+                             f"does not match this loader (seed {self.seed}, {self.batches_per_epoch}): the seed, the "
+                             "dataset or the batching options changed since the checkpoint")
+        self.close()
+        self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
+
+    def close(self):
+        self._stop.set()
+        self._it = None
+
+    def __del__(self):
+        self._stop.set()
+
+
+def check_config(cfg: DatasetConfig) -> None:
+    for name in ("source_encode_mode", "target_encode_mode"):
+        if getattr(cfg, name) not in ENCODE_MODES:
+            raise ValueError(f"dataset.{name}={getattr(cfg, name)!r}: expected one of {', '.join(ENCODE_MODES)}")
+    if cfg.train_on not in ("assistant", "last_assistant", "all"):
+        raise ValueError(f"dataset.train_on={cfg.train_on!r}: expected assistant, last_assistant or all")
+    if cfg.max_seq_len < 1 or cfg.min_seq_len > cfg.max_seq_len:
+        raise ValueError(f"dataset: need 1 <= min_seq_len <= max_seq_len, got {cfg.min_seq_len}, {cfg.max_seq_len}")
+    if cfg.batch_size and cfg.max_num_tokens:
+        raise ValueError("dataset: set batch_size or max_num_tokens, not both")
+    if not cfg.packing and not (cfg.batch_size or cfg.max_num_tokens):
+        raise ValueError("dataset: packing is off: set batch_size (static) or max_num_tokens (dynamic batches)")
+    if cfg.max_num_tokens and cfg.max_num_tokens < cfg.max_seq_len:
+        raise ValueError(f"dataset.max_num_tokens={cfg.max_num_tokens} < max_seq_len={cfg.max_seq_len}: "
+                         "a longest example would not fit in a batch")
+
+
+def build_loader(cfg: DatasetConfig, tokenizer, split: str, rank=0, world_size=1, seed=0, device="cpu",
+                 infinite=True) -> Loader:
+    check_config(cfg)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if cfg.generate_demo:
+        demo = dict(n_train=cfg.demo_n_train, n_valid=cfg.demo_n_valid, max_value=cfg.demo_max_value)
+        marker = os.path.join(cfg.path, "demo.json")  # our own demo data is regenerated when its options change
+        if _is_builder(rank) and (not _has_data(cfg.path) or os.path.isfile(marker) and _read_json(marker) != demo):
+            make_demo_data(cfg.path, seed=0, **demo)
+        _dist_barrier()
+    data = load_data(cfg, tokenizer, split, rank)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # pads are never labels
+    loader = Loader(data, cfg, rank, world_size, seed, device, infinite, pad_id)
+    if rank == 0:
+        m = data.meta
+        mode = f"packed {rows_per_batch(cfg)}x{cfg.max_seq_len}" if cfg.packing else \
+            f"static {cfg.batch_size}" if cfg.batch_size else f"dynamic {cfg.max_num_tokens} tokens"
+        frac = real_token_fraction(loader.plan(0), data.lengths, cfg)
+        print(f"data[{split}]: {len(data)} examples of {m['num_read']} read from {len(m['files'])} file(s), "
+              f"dropped {m['drops'] or 'none'}; {int(data.lengths.sum())} tokens, {m['num_label_tokens']} supervised; "
+              f"{loader.batches_per_epoch} {mode} batches/epoch, {frac:.1%} real tokens; cache {data.directory}",
+              flush=True)
+    return loader
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Demo task (CPU demo): GSM8K-format addition
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _has_data(path):
+    return os.path.isfile(path) or (os.path.isdir(path) and bool(glob.glob(os.path.join(path, "**", "*.jsonl"),
+                                                                          recursive=True)))
+
+
+def make_demo_data(directory, seed=0, n_train=4000, n_valid=200, max_value=999):
+    """Write train.jsonl / valid.jsonl: {"question": "What is 348 + 75?", "answer": "348 + 75 = 423\\n#### 423"}.
+    Train and valid questions are disjoint."""
+    rng = random.Random(seed)
+    pairs, seen = [], set()
+    n = min(n_train + n_valid, (max_value + 1) ** 2)
+    while len(pairs) < n:
+        a, b = rng.randint(0, max_value), rng.randint(0, max_value)
+        if (a, b) not in seen:
+            seen.add((a, b))
+            pairs.append((a, b))
+    os.makedirs(directory, exist_ok=True)
+    for split, chunk in (("train", pairs[n_valid:]), ("valid", pairs[:n_valid])):
+        tmp = os.path.join(directory, f".{split}.jsonl.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            for a, b in chunk:
+                qa = {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+                f.write(json.dumps(qa) + "\n")
+        os.replace(tmp, os.path.join(directory, f"{split}.jsonl"))
+    with open(os.path.join(directory, "demo.json"), "w") as f:
+        json.dump(dict(n_train=n_train, n_valid=n_valid, max_value=max_value), f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset report: python data.py CONFIG [key=value ...]
+
+def main(argv):
+    from tokenizer import load_tokenizer, visualize
+    from train import load_config  # the YAML + dotted-override loader, written once
+    if not argv:
+        sys.exit("usage: python data.py CONFIG.yaml [dataset.key=value ...]")
+    c = load_config(argv)
+    cfg = c.dataset
+    tokenizer = load_tokenizer(c.tokenizer.path or c.model.path, c.tokenizer.chat_format or None)
+    for split in [cfg.train_split] + ([cfg.valid_split] if cfg.valid_split else []):
+        loader = build_loader(cfg, tokenizer, split, infinite=split == cfg.train_split)
+        data, m = loader.data, loader.data.meta
+        print(f"\n== {split}: {m['num_read']} examples read, {len(data)} kept ({m['truncated']} truncated); "
+              f"dropped by reason: {m['drops'] or 'none'}")
+        print(f"   {int(data.lengths.sum())} tokens ({m['num_label_tokens']} supervised), "
+              f"mean {data.lengths.mean():.1f}, max {data.lengths.max()} per example; "
+              f"cache built in {m['build_seconds']} s")
+        bs, budget = cfg.batch_size or 16, cfg.max_num_tokens or 16 * cfg.max_seq_len
+        modes = {f"static {bs}": dict(packing=False, batch_size=bs, max_num_tokens=0),
+                 f"dynamic {budget}": dict(packing=False, batch_size=0, max_num_tokens=budget),
+                 f"packed {rows_per_batch(cfg)}x{cfg.max_seq_len}": dict(packing=True)}
+        for name, over in modes.items():
+            c2 = dataclasses.replace(cfg, **over)
+            plan = plan_epoch(data.lengths, c2, 0, 0, True)
+            pad = 1 - real_token_fraction(plan, data.lengths, c2)
+            print(f"   {name:>16}: {len(plan)} batches/epoch, padding {pad:.1%}")
+        for i in range(min(3, len(data))):
+            ids, mask = data.example(i)
+            print(f"--- example {i} ({len(ids)} ids, {int(mask[1:].sum())} supervised):")
+            print(visualize(ids.tolist(), mask.tolist(), tokenizer))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

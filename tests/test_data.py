@@ -1,0 +1,497 @@
+"""data.py: formats, masks, sources (file, dir, hg://, parquet), length rules, the three batching modes, packing
+isolation through the model, distributed striding, resume, bad input, the cache, the demo data and the report.
+
+    python3 -m pytest -q -x tests/test_data.py
+"""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import DatasetConfig, build_loader, plan_epoch
+from tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("byte")
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def qa_rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        a, b = int(rng.integers(0, 10 ** int(rng.integers(1, 5)))), int(rng.integers(0, 1000))
+        rows.append({"src": f"Q{i}: {a}+{b}=" + "x" * int(rng.integers(0, 40)), "tgt": f"{a + b} ({i})"})
+    return rows
+
+
+def cfg_for(tmp_path, path, **kw):
+    kw.setdefault("num_prefetch", 0)
+    return DatasetConfig(path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def one_epoch(loader):
+    return [next(loader) for _ in range(loader.batches_per_epoch)]
+
+
+def example_of(loader, i):
+    ids, mask = loader.data.example(i)
+    return ids.tolist(), mask.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ formats and masks
+
+def test_src_tgt_prefix_property_and_mask(tmp_path, tok):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"src": "What is 2+3?", "tgt": "5"}])
+    loader = build_loader(cfg_for(tmp_path, f, batch_size=1, packing=False), tok, "train")
+    ids, mask = example_of(loader, 0)
+    src, tgt = tok.encode("What is 2+3?", bos=True), tok.encode("5", eos=True)
+    assert ids == src + tgt and ids[0] == tok.bos_id and ids[-1] == tok.eos_id  # prefix property, bos + ... + eos
+    assert mask == [0] * len(src) + [1] * len(tgt)
+    b = next(loader)
+    # tokens = ids[:-1]; labels = ids[1:] where supervised: the target and its eos are trained, the prompt is not
+    assert b.tokens[0].tolist() == ids[:-1]
+    assert b.labels[0].tolist() == [-100] * (len(src) - 1) + tgt
+    assert (b.num_tokens, b.num_label_tokens) == (len(ids) - 1, len(tgt))
+    assert b.doc_ids is None and b.positions[0].tolist() == list(range(len(ids) - 1))
+
+
+@pytest.mark.parametrize("s_mode,t_mode", [("as_is", "as_is"), ("prompt_response", "prompt"), ("prompt", "as_is")])
+def test_encode_modes(tmp_path, tok, s_mode, t_mode):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"src": "ab", "tgt": "cd"}])
+    cfg = cfg_for(tmp_path, f, source_encode_mode=s_mode, target_encode_mode=t_mode, train_on_prompt=True)
+    ids, mask = example_of(build_loader(cfg, tok, "train"), 0)
+    enc = lambda text, mode: tok.encode(text, bos=mode == "prompt", eos=mode == "prompt_response")
+    assert ids == enc("ab", s_mode) + enc("cd", t_mode)
+    assert mask == [1] * len(ids)  # train_on_prompt: the prompt is supervised too
+
+
+def test_custom_fields_gsm8k(tmp_path, tok, gsm8k_dir):
+    with open(gsm8k_dir / "train.jsonl") as f:
+        rows = [json.loads(next(f)) for _ in range(20)]
+    path = write_jsonl(tmp_path / "gsm" / "train.jsonl", rows)
+    loader = build_loader(cfg_for(tmp_path, path, src_field="question", tgt_field="answer"), tok, "train")
+    assert len(loader.data) == 20
+    ids, mask = example_of(loader, 3)
+    q = tok.encode(rows[3]["question"], bos=True)
+    assert ids == q + tok.encode(rows[3]["answer"], eos=True) and sum(mask) == len(ids) - len(q)
+
+
+@pytest.mark.parametrize("key", ["messages", "chat", "conversation"])
+def test_chat_formats(tmp_path, tok, key):
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}]
+    f = write_jsonl(tmp_path / "d.jsonl", [{key: conv}])
+    cfg = cfg_for(tmp_path, f, messages_field="conversation" if key == "conversation" else "messages")
+    ids, mask = example_of(build_loader(cfg, tok, "train"), 0)
+    assert (ids, mask) == tuple(map(list, tok.render_chat(conv, train_on="assistant")))
+    supervised = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert supervised == "Hello<|im_end|>4<|im_end|>"  # both assistant turns and their end-of-turn, nothing else
+    cfg = dataclasses.replace(cfg, train_on="last_assistant")
+    ids, mask = example_of(build_loader(cfg, tok, "train"), 0)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4<|im_end|>"
+
+
+def test_chat_mode_wraps_src_tgt(tmp_path, tok):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"src": "2+2?", "tgt": "4"}])
+    ids, mask = example_of(build_loader(cfg_for(tmp_path, f, chat_mode=True), tok, "train"), 0)
+    expect = tok.render_chat([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+    assert (ids, mask) == tuple(map(list, expect))
+    assert ids[-2:] == [tok.eot_id, ord("\n")] and mask[-2] == 1  # end-of-turn trained
+
+
+def test_real_tokenizers_masks(tmp_path, llama3_tokenizer_dir, qwen3_tokenizer_dir):
+    rows = [{"src": "What is 7*6?", "tgt": "7*6 = 42\n#### 42"}]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    for d in (llama3_tokenizer_dir, qwen3_tokenizer_dir):
+        t = load_tokenizer(str(d))
+        ids, mask = example_of(build_loader(cfg_for(tmp_path, f), t, "train"), 0)
+        src = t.encode(rows[0]["src"], bos=True)
+        assert ids == src + t.encode(rows[0]["tgt"], eos=True) and ids[-1] == t.eos_id and mask[-1] == 1
+        assert ids.count(t.bos_id) == (1 if t.bos_id is not None else 0)  # Llama 3: exactly one <|begin_of_text|>
+        ids, mask = example_of(build_loader(cfg_for(tmp_path, f, chat_mode=True), t, "train"), 0)
+        last_sup = max(i for i, m in enumerate(mask) if m)
+        assert ids[last_sup] == t.eot_id  # <|eot_id|> / <|im_end|> inside the labels
+        assert "7*6 = 42\n#### 42" in t.decode([i for i, m in zip(ids, mask) if m])
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+def test_path_kinds(tmp_path, tok):
+    rows = qa_rows(12)
+    write_jsonl(tmp_path / "a" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "a" / "valid.jsonl", rows[:3])
+    write_jsonl(tmp_path / "b" / "train" / "x" / "part1.jsonl", rows[:5])
+    write_jsonl(tmp_path / "b" / "train" / "part0.jsonl", rows[5:])
+    write_jsonl(tmp_path / "c" / "main" / "train-00000-of-00001.jsonl", rows)
+    counts = {}
+    for name, path, split in [("file", tmp_path / "a" / "train.jsonl", "train"), ("dir", tmp_path / "a", "train"),
+                              ("dir-valid", tmp_path / "a", "valid"), ("subdir", tmp_path / "b", "train"),
+                              ("hub-layout", tmp_path / "c", "train")]:
+        counts[name] = len(build_loader(cfg_for(tmp_path, path), tok, split).data)
+    assert counts == {"file": 12, "dir": 12, "dir-valid": 3, "subdir": 12, "hub-layout": 12}
+    with pytest.raises(FileNotFoundError, match="no data for split 'test'"):
+        build_loader(cfg_for(tmp_path, tmp_path / "a"), tok, "test")
+    with pytest.raises(ValueError, match="is one file"):  # a single file is no validation set
+        build_loader(cfg_for(tmp_path, tmp_path / "a" / "train.jsonl", valid_split="valid"), tok, "valid")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_loader(cfg_for(tmp_path, tmp_path / "nope"), tok, "train")
+
+
+def test_hub_dataset_from_offline_cache(tmp_path, tok, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "datasets--org--name"  # huggingface_hub's cache layout
+    write_jsonl(repo / "snapshots" / commit / "main" / "train-00000-of-00001.jsonl", qa_rows(7))
+    write_jsonl(repo / "snapshots" / commit / "main" / "test-00000-of-00001.jsonl", qa_rows(2))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the environment at import: patch its constants for an already imported module
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert len(build_loader(cfg_for(tmp_path, "hg://org/name"), tok, "train").data) == 7
+    assert len(build_loader(cfg_for(tmp_path, "hg://org/name/main"), tok, "test").data) == 2
+    with pytest.raises(FileNotFoundError, match="hg://org/missing"):
+        build_loader(cfg_for(tmp_path, "hg://org/missing"), tok, "train")
+    with pytest.raises(ValueError, match="hg://org"):
+        build_loader(cfg_for(tmp_path, "hg://org"), tok, "train")
+
+
+def test_parquet(tmp_path, tok):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    rows = qa_rows(9)
+    os.makedirs(tmp_path / "p")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p" / "train.parquet")
+    loader = build_loader(cfg_for(tmp_path, tmp_path / "p"), tok, "train")
+    assert len(loader.data) == 9 and example_of(loader, 0)[0] == tok.encode(rows[0]["src"], bos=True) + tok.encode(
+        rows[0]["tgt"], eos=True)
+
+
+# ------------------------------------------------------------------------------------------------ length rules
+
+def test_length_rules_counted_by_reason(tmp_path, tok, capsys):
+    rows = [{"src": "q", "tgt": "a"}, {"src": "p" * 50, "tgt": "t" * 5}, {"src": "q", "tgt": "y" * 100},
+            {"messages": [{"role": "user", "content": "no answer"}]}, {"src": "ok", "tgt": "fine"}]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    loader = build_loader(cfg_for(tmp_path, f, min_seq_len=4, max_seq_len=40), tok, "train")
+    assert loader.data.meta["drops"] == {"too_short": 1, "too_long": 2, "no_supervised": 1}
+    assert loader.data.meta["num_read"] == 5 and len(loader.data) == 1
+    assert "too_long" in capsys.readouterr().out  # reported at start-up
+
+    # truncate: the prompt loses tokens after its first (bos) first, then the response loses its end
+    loader = build_loader(cfg_for(tmp_path, f, min_seq_len=4, max_seq_len=40, truncate=True), tok, "train")
+    assert loader.data.meta["truncated"] == 2 and len(loader.data) == 3
+    assert all(n <= 40 for n in loader.data.lengths)
+    by_len = {}
+    for i in range(len(loader.data)):
+        ids, mask = example_of(loader, i)
+        assert sum(mask[1:]) > 0
+        by_len[tok.decode(ids)] = mask
+    long_prompt = "<|bos|>" + "p" * 34 + "ttttt<|eos|>"  # 41 ids: prompt cut from 50 to 34 chars, target whole
+    assert long_prompt in by_len
+    long_target = "<|bos|>" + "y" * 40  # the prompt gives all it has ("q"), then the response is cut (eos lost)
+    assert long_target in by_len
+    assert data.truncate_example([1, 2, 3, 4], [0, 0, 0, 0], 3) is None  # never 0 supervised tokens
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+@pytest.fixture()
+def qa_dir(tmp_path):
+    write_jsonl(tmp_path / "qa" / "train.jsonl", qa_rows(203))
+    write_jsonl(tmp_path / "qa" / "valid.jsonl", qa_rows(17, seed=1))
+    return tmp_path / "qa"
+
+
+MODES = {"static": dict(packing=False, batch_size=8), "dynamic": dict(packing=False, max_num_tokens=256),
+         "packed": dict(packing=True, max_num_tokens=256)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batching_modes_limits_and_counts(tmp_path, tok, qa_dir, mode):
+    cfg = cfg_for(tmp_path, qa_dir, max_seq_len=64, **MODES[mode])
+    loader = build_loader(cfg, tok, "train")
+    lengths = loader.data.lengths
+    for epoch in range(2):  # each example exactly once per epoch, whatever the mode
+        plan = plan_epoch(lengths, cfg, seed=0, epoch=epoch, shuffle=True)
+        seen = sorted(i for batch in plan for row in batch for i in row)
+        assert seen == list(range(len(lengths)))
+    batches = one_epoch(loader)
+    assert sum(b.num_tokens for b in batches) == lengths.sum()
+    labels = sum(int(loader.data.mask[loader.data.offsets[i] + 1:loader.data.offsets[i + 1]].sum())
+                 for i in range(len(lengths)))
+    assert sum(b.num_label_tokens for b in batches) == labels == loader.data.meta["num_label_tokens"]
+    for b in batches:
+        B, T = b.tokens.shape
+        assert b.labels.shape == b.positions.shape == (B, T)
+        if mode == "static":
+            assert B <= 8 and T <= 64
+        if mode == "dynamic":
+            assert B * T <= 256
+        if mode == "packed":
+            assert T == 64 and B <= 256 // 64 and b.doc_ids.dtype == torch.int32
+            for row in range(B):  # positions restart at 0 exactly where the document changes
+                starts = (b.positions[row] == 0).nonzero().flatten().tolist()
+                changes = [0] + (torch.diff(b.doc_ids[row]) != 0).nonzero().flatten().add(1).tolist()
+                assert starts == changes
+
+
+def test_packing_fills_rows(tmp_path, tok, qa_dir):
+    # best fit: each item goes to the row it fills tightest -> [5,3] [5,3] [4,2,2], 3 full rows of 8
+    rows = data.best_fit_decreasing(np.array([2, 5, 3, 4, 2, 5, 3]), np.arange(7), 8)
+    assert sorted(sorted(row) for row in rows) == [[0, 3, 4], [1, 2], [5, 6]] or len(rows) == 3
+    assert all(np.array([2, 5, 3, 4, 2, 5, 3])[r].sum() == 8 for r in rows)
+    cfg = cfg_for(tmp_path, qa_dir, max_seq_len=256, batch_size=4)
+    lengths = build_loader(cfg, tok, "train").data.lengths
+    plan = plan_epoch(lengths, cfg, 0, 0, True)
+    rows = [row for batch in plan for row in batch]
+    assert all(lengths[row].sum() <= 256 for row in rows)
+    assert len(rows) <= int(np.ceil(lengths.sum() / 256)) + 1  # nearly the lower bound
+    assert data.real_token_fraction(plan, lengths, cfg) > 0.95
+
+
+def test_packing_isolation_matches_unpacked_loss(tmp_path, tok, qa_dir):
+    from model import Transformer, get_preset
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny_llama")).float()
+    model.init_weights()
+    packed_cfg = cfg_for(tmp_path, qa_dir, max_seq_len=128, batch_size=2)
+    loader = build_loader(packed_cfg, tok, "train")
+    batch = next(loader)
+    rows = loader.plan(0)[0]
+    assert max(len(r) for r in rows) > 1  # really packed
+    with torch.no_grad():
+        packed = model(batch.tokens, batch.positions, batch.doc_ids, labels=batch.labels)
+        leaky = model(batch.tokens, batch.positions, None, labels=batch.labels)
+        unpacked, n = torch.zeros((), dtype=torch.float64), 0
+        for i in (i for row in rows for i in row):
+            one = data.collate(loader.data, [[i]], tok.pad_id, None)
+            unpacked += model(one.tokens, labels=one.labels).double()
+            n += one.num_label_tokens
+    assert n == batch.num_label_tokens
+    torch.testing.assert_close(packed.double() / n, unpacked / n, atol=1e-5, rtol=0)
+    assert abs(leaky.double() / n - unpacked / n) > 1e-3  # without the document mask attention leaks: detectable
+
+
+# ------------------------------------------------------------------------------------------------ distributed, resume
+
+def test_global_batches_strided_over_ranks(tmp_path, tok, qa_dir):
+    cfg = cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4)
+    single = build_loader(cfg, tok, "train")
+    stream = [next(single) for _ in range(2 * single.batches_per_epoch + 3)]  # crosses two epoch boundaries
+    ranks = [build_loader(cfg, tok, "train", rank=r, world_size=2) for r in range(2)]
+    for k in range(len(stream) // 2):
+        for r in range(2):
+            assert torch.equal(next(ranks[r]).tokens, stream[2 * k + r].tokens)
+    assert ranks[0].state_dict() == ranks[1].state_dict()
+    # epochs are reshuffled; the same seed gives the same order, another seed another one
+    e0, e1 = (plan_epoch(single.data.lengths, cfg, 0, e, True) for e in (0, 1))
+    assert e0 != e1 and e0 == plan_epoch(single.data.lengths, cfg, 0, 0, True)
+    assert e0 != plan_epoch(single.data.lengths, cfg, 1, 0, True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_identical_batches(tmp_path, tok, qa_dir, mode, world):
+    cfg = cfg_for(tmp_path, qa_dir, max_seq_len=64, num_prefetch=2, **MODES[mode])
+    k = 7
+    for r in range(world):
+        ref = build_loader(cfg, tok, "train", rank=r, world_size=world, seed=3)
+        expect = [next(ref) for _ in range(k + ref.batches_per_epoch)]
+        run = build_loader(cfg, tok, "train", rank=r, world_size=world, seed=3)
+        for _ in range(k):
+            next(run)
+        state = run.state_dict()
+        fresh = build_loader(cfg, tok, "train", rank=r, world_size=world, seed=3)
+        fresh.load_state_dict(state)
+        for b, e in zip((next(fresh) for _ in range(ref.batches_per_epoch)), expect[k:]):
+            assert torch.equal(b.tokens, e.tokens) and torch.equal(b.labels, e.labels)
+            assert b.doc_ids is None and e.doc_ids is None or torch.equal(b.doc_ids, e.doc_ids)
+        ref.close(), run.close(), fresh.close()
+
+
+def test_resume_at_another_world_size_continues_global_stream(tmp_path, tok, qa_dir):
+    cfg = cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4)
+    single = build_loader(cfg, tok, "train")
+    stream = [next(single) for _ in range(20)]
+    two = [build_loader(cfg, tok, "train", rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):  # 3 steps at 2 ranks = global batches 0..5
+        for ld in two:
+            next(ld)
+    state = two[0].state_dict()
+    resumed = build_loader(cfg, tok, "train")  # 1 rank continues at global batch 6
+    resumed.load_state_dict(state)
+    for g in range(6, 20):
+        assert torch.equal(next(resumed).tokens, stream[g].tokens)
+    other = dataclasses.replace(cfg, batch_size=5)
+    with pytest.raises(ValueError, match="batching options changed"):
+        build_loader(other, tok, "train").load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        build_loader(cfg, tok, "train", seed=1).load_state_dict(state)
+
+
+def test_validation_one_pass_with_fillers(tmp_path, tok, qa_dir):
+    cfg = cfg_for(tmp_path, qa_dir, valid_split="valid", max_seq_len=64, batch_size=3, packing=False)
+    loaders = [build_loader(cfg, tok, "valid", rank=r, world_size=4, infinite=False) for r in range(4)]
+    n = loaders[0].batches_per_epoch  # 17 examples / 3 = 6 global batches -> 2 per rank, 2 fillers
+    out = [list(ld) for ld in loaders]
+    assert n == 6 and [len(o) for o in out] == [2, 2, 2, 2]
+    real = [b for o in out for b in o if b.num_label_tokens > 0]
+    assert len(real) == n and sum(b.num_tokens for b in real) == loaders[0].data.lengths.sum()
+    assert all((b.labels == -100).all() for o in out for b in o if b.num_label_tokens == 0)
+    assert len(list(loaders[0])) == 2  # a second pass restarts
+
+
+def test_prefetch_errors_surface(tmp_path, tok, qa_dir, monkeypatch):
+    loader = build_loader(cfg_for(tmp_path, qa_dir, num_prefetch=2, max_seq_len=64), tok, "train")
+
+    def boom(*a, **k):
+        raise RuntimeError("collate failed")
+    monkeypatch.setattr(data, "collate", boom)
+    with pytest.raises(RuntimeError, match="collate failed"):
+        next(loader)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+GOOD = json.dumps({"src": "a", "tgt": "b"})
+BAD = {  # name: (file content bytes, message, reason counted with skip_bad_examples)
+    "malformed_json": (GOOD + "\n{\"src\": \"a\", \n", r"d\.jsonl:2: malformed JSON", "invalid_json"),
+    "missing_field": (GOOD + "\n" + json.dumps({"src": "a"}), r"d\.jsonl:2: missing field 'tgt'", "missing_field"),
+    "non_string": (json.dumps({"src": 1, "tgt": "b"}) + "\n" + GOOD, r"d\.jsonl:1: field 'src' must be a string",
+                   "bad_field"),
+    "empty_target": (GOOD + "\n\n" + json.dumps({"src": "a", "tgt": ""}), r"d\.jsonl:3: field 'tgt' is empty",
+                     "empty_target"),
+    "invalid_utf8": (GOOD.encode() + b"\n{\"src\": \"\xff\xfe\", \"tgt\": \"b\"}\n", r"d\.jsonl:2: invalid UTF-8",
+                     "invalid_utf8"),
+    "not_object": (GOOD + "\n[1, 2]", r"d\.jsonl:2: expected a JSON object", "invalid_json"),
+    "bad_messages": (GOOD + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
+                     r"d\.jsonl:2: messages\[0\]", "bad_field"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_names_file_and_line(tmp_path, tok, name):
+    content, msg, reason = BAD[name]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=msg):
+        build_loader(cfg_for(tmp_path, path), tok, "train")
+    loader = build_loader(cfg_for(tmp_path, path, skip_bad_examples=True), tok, "train")
+    assert loader.data.meta["drops"] == {reason: 1} and len(loader.data) == loader.data.meta["num_read"] - 1
+
+
+def test_empty_file_and_empty_dir(tmp_path, tok):
+    (tmp_path / "e").mkdir()
+    with pytest.raises(FileNotFoundError, match="no data for split 'train'"):
+        build_loader(cfg_for(tmp_path, tmp_path / "e"), tok, "train")
+    write_jsonl(tmp_path / "e" / "train" / "a.jsonl", [GOOD])
+    (tmp_path / "e" / "train" / "b.jsonl").write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"b\.jsonl: empty file"):
+        build_loader(cfg_for(tmp_path, tmp_path / "e"), tok, "train")
+    loader = build_loader(cfg_for(tmp_path, tmp_path / "e", skip_bad_examples=True), tok, "train")
+    assert loader.data.meta["drops"] == {"empty_file": 1} and len(loader.data) == 1
+    (tmp_path / "e" / "train" / "a.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no usable examples"):  # nothing at all is always an error
+        build_loader(cfg_for(tmp_path, tmp_path / "e", skip_bad_examples=True), tok, "train")
+
+
+def test_bom_crlf_and_huge_line(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    huge = json.dumps({"src": "z" * (10 << 20), "tgt": "b"})  # a 10 MB line: read, tokenized, dropped as too long
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + huge.encode() + b"\r\n" + GOOD.encode() + b"\r\n")
+    loader = build_loader(cfg_for(tmp_path, path), tok, "train")
+    assert len(loader.data) == 2 and loader.data.meta["drops"] == {"too_long": 1}
+    assert example_of(loader, 0)[0] == tok.encode("a", bos=True) + tok.encode("b", eos=True)  # no BOM, no \r
+
+
+def test_config_errors(tmp_path, tok, qa_dir):
+    for bad, msg in [(dict(source_encode_mode="bos"), "source_encode_mode"), (dict(packing=False), "set batch_size"),
+                     (dict(batch_size=4, max_num_tokens=4096), "not both"),
+                     (dict(max_num_tokens=100), "max_num_tokens"),
+                     (dict(path=""), "dataset.path is empty")]:
+        with pytest.raises(ValueError, match=msg):
+            build_loader(dataclasses.replace(cfg_for(tmp_path, qa_dir), **bad), tok, "train")
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+def test_cache_reused_and_invalidated(tmp_path, tok, qa_dir, monkeypatch):
+    cfg = cfg_for(tmp_path, qa_dir, max_seq_len=64)
+    first = build_loader(cfg, tok, "train").data.directory
+    calls = []
+    real_build = data.build_cache
+    monkeypatch.setattr(data, "build_cache", lambda *a: (calls.append(1), real_build(*a)))
+    assert build_loader(cfg, tok, "train").data.directory == first and not calls  # reused, not rebuilt
+    assert build_loader(dataclasses.replace(cfg, batch_size=3), tok, "train").data.directory == first  # batching: same
+    assert build_loader(dataclasses.replace(cfg, max_seq_len=32), tok, "train").data.directory != first
+    other_tok = load_tokenizer("byte", chat_format="chatml")
+    other_tok.eos_id = other_tok.pad_id  # a tokenizer that ids differently must not reuse the cache
+    assert data.cache_path(data.resolve_files(str(qa_dir), "train"), cfg, other_tok, "train") != first
+    os.utime(qa_dir / "train.jsonl", ns=(1, 1))  # the source changed
+    assert build_loader(cfg, tok, "train").data.directory != first and len(calls) == 2
+    assert not [p for p in os.listdir(tmp_path / "cache") if ".tmp-" in p]  # temp dirs renamed or removed
+
+
+def test_parallel_build_equals_serial(tmp_path, tok, qa_dir, monkeypatch):
+    monkeypatch.setattr(data, "POOL_MIN_BYTES", 0)
+    serial = build_loader(cfg_for(tmp_path / "s", qa_dir, num_workers=1), tok, "train").data
+    par = build_loader(cfg_for(tmp_path / "p", qa_dir, num_workers=2), tok, "train").data
+    assert np.array_equal(serial.tokens, par.tokens) and np.array_equal(serial.mask, par.mask)
+    assert np.array_equal(serial.offsets, par.offsets) and serial.meta["drops"] == par.meta["drops"]
+    bad = tmp_path / "bad"
+    write_jsonl(bad / "train.jsonl", qa_rows(600) + ["{oops"])  # an error raised inside a worker names the line
+    with pytest.raises(ValueError, match=r"train\.jsonl:601: malformed JSON"):
+        build_loader(cfg_for(tmp_path, bad, num_workers=2), tok, "train")
+
+
+# ------------------------------------------------------------------------------------------------ demo, report
+
+def test_demo_data_and_generate_demo(tmp_path, tok):
+    data.make_demo_data(tmp_path / "demo", n_train=50, n_valid=10)
+    rows = [json.loads(line) for line in open(tmp_path / "demo" / "train.jsonl")]
+    valid = [json.loads(line) for line in open(tmp_path / "demo" / "valid.jsonl")]
+    assert len(rows) == 50 and len(valid) == 10 and not {r["question"] for r in rows} & {r["question"] for r in valid}
+    for r in rows:
+        a, b = map(int, r["question"].removeprefix("What is ").removesuffix("?").split(" + "))
+        assert r["answer"].endswith(f"\n#### {a + b}")
+    cfg = cfg_for(tmp_path, tmp_path / "gen", generate_demo=True, src_field="question", tgt_field="answer",
+                  demo_n_train=30, demo_n_valid=5, valid_split="valid")
+    assert len(build_loader(cfg, tok, "train").data) == 30
+    assert len(build_loader(cfg, tok, "valid", infinite=False).data) == 5
+    cfg = dataclasses.replace(cfg, demo_n_train=40)  # our own demo data follows its options
+    assert len(build_loader(cfg, tok, "train").data) == 40
+    write_jsonl(tmp_path / "mine" / "train.jsonl", qa_rows(3))  # somebody else's data is never overwritten
+    cfg = dataclasses.replace(cfg, path=str(tmp_path / "mine"), src_field="src", tgt_field="tgt")
+    assert len(build_loader(cfg, tok, "train").data) == 3
+
+
+def test_report_cli(tmp_path, qa_dir, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset:\n  path: {qa_dir}\n  valid_split: valid\n  max_seq_len: 64\n"
+                   f"  cache_dir: {tmp_path}/cache\n"
+                   "tokenizer:\n  path: byte\nmodel:\n  name: demo\n")
+    data.main([str(cfg), "dataset.max_num_tokens=256"])
+    out = capsys.readouterr().out
+    for s in ["203 examples read", "== valid", "static 16", "dynamic 256", "packed 4x64", "padding", "example 0",
+              "\x1b[30;42m"]:
+        assert s in out, s
