@@ -1,0 +1,366 @@
+"""Generation with a preallocated KV cache, and GSM8K evaluation.
+
+    python generate.py MODEL --prompt "Once upon a time"                      # greedy (temperature 0)
+    python generate.py MODEL --chat --system "Be brief." --prompt "Hi!" --temperature 0.7 --top-p 0.9 --seed 0
+    python generate.py MODEL --gsm8k test.jsonl --limit 200 --batch-size 16 --output pred.jsonl
+
+MODEL is a Hugging Face directory (config.json + safetensors, or Meta consolidated.*.pth + params.json; tokenizer
+files beside them), a train.py checkpoint (OUT/checkpoints/step_N/), or a train.py output directory OUT (the newer
+of OUT/hf/ and its newest complete checkpoint). The tokenizer is --tokenizer, the directory's tokenizer files, or
+the run's config (tokenizer.path, e.g. "byte"). Only the completion is printed (the stop token that ended it is
+not); the last line of a GSM8K run is `accuracy: X.XXXX (k/n)`.
+
+Prompt formats. --chat: tokenizer.render_chat([system?, user], add_generation_prompt=True). Without --chat the
+prompt is what data.py feeds a src/tgt example before its target: bos + encode(question) (source_encode_mode
+"prompt"), so a model fine-tuned with src_field=question, tgt_field=answer continues with its answer + eos.
+
+Batching: prompts of different lengths are right-padded for one prefill; every sequence then continues at its
+own position (cache slot = position; pad slots are overwritten before any query can see them), and sequences
+that stop are dropped from the batch. Under FSDP, every rank runs the same number of forward calls (see
+`generate(sync_ranks=...)` and `evaluate_gsm8k`).
+"""
+import argparse
+import json
+import math
+import re
+import sys
+import warnings
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import model as model_lib
+import tokenizer as tokenizer_lib
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype activations (and so k/v) have: FSDP2 mixed precision computes in mp_policy.param_dtype while the
+    sharded parameters stay fp32, and FSDP2 has no public getter for its policy."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        param_dtype = model._get_fsdp_state()._mp_policy.param_dtype
+        if param_dtype is not None:
+            return param_dtype
+    return next(model.parameters()).dtype
+
+
+def sample(logits, temperature, top_p, generator, vocab_size=None):
+    """logits (B, V) -> next ids (B,). Greedy at temperature 0; otherwise nucleus sampling (Holtzman et al. 2019):
+    keep the smallest set of most likely tokens whose probability reaches top_p. Ids >= vocab_size (a model's
+    embedding table padded past the tokenizer's vocabulary) are never chosen: the tokenizer could not decode them."""
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
+        sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, temperature=0.0, top_p=1.0,
+             seed=None, vocab_size=None, sync_ranks=False) -> list[list[int]]:
+    """Complete each prompt (token ids); returns the completions only, without the stop token that ended them.
+    A sequence also ends after max_new_tokens or at the model's context (max_seq_len). vocab_size: see sample().
+    sync_ranks: the model is sharded (FSDP), so all ranks of the default process group must call forward equally
+    often: the loop continues until every rank's sequences are done (one all-reduce per step)."""
+    args = model.args
+    device = next(model.parameters()).device
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature} top_p={top_p}")
+    for i, p in enumerate(prompts):
+        if not 0 < len(p) < args.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; it must have 1 to {args.max_seq_len - 1} "
+                             f"(the model's context is max_seq_len={args.max_seq_len})")
+    if max_new_tokens < 1 or not prompts:
+        return [[] for _ in prompts]
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+    stop_ids = set(stop_ids)
+
+    B, T = len(prompts), max(len(p) for p in prompts)
+    cache_len = min(T + max_new_tokens, args.max_seq_len)
+    cache = model_lib.KVCache(args, B, cache_len, device, compute_dtype(model))
+    tokens = torch.zeros(B, T, dtype=torch.long)  # right-padded; pad id 0 is never attended to (see module doc)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+    positions = torch.arange(T, device=device).expand(B, T)
+    logits = model(tokens.to(device), positions, cache=cache)  # (B, T, V)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    logits = logits[torch.arange(B, device=device), last]  # (B, V): each prompt's last real token
+
+    completions = [[] for _ in prompts]
+    rows = list(range(B))  # rows[j]: the prompt whose sequence is in batch row j
+    pos = [len(p) for p in prompts]  # where each row's next input token goes (cache slot = position); on the host
+    for step in range(max_new_tokens):
+        next_ids = sample(logits, temperature, top_p, generator, vocab_size)
+        keep = []  # batch rows that go on
+        for j, (row, t) in enumerate(zip(rows, next_ids.tolist())):  # one host sync per step, like HF's stopping
+            if row is None or t in stop_ids:
+                continue
+            completions[row].append(t)
+            if step + 1 < max_new_tokens and pos[j] + 1 < args.max_seq_len:  # prompt + completion <= context
+                keep.append(j)
+        if step + 1 == max_new_tokens or not _any_rank(bool(keep), sync_ranks):
+            break
+        if not keep:  # done here but not on another rank: one dummy row keeps this rank's forward calls in step
+            keep, rows = [0], [None] * len(rows)
+        if len(keep) < len(rows):  # drop finished sequences so they stop costing compute
+            idx = torch.tensor(keep, device=device)
+            # KVCache has no row selection: its per-layer tensors are (B, n_kv_heads, max_len, head_dim)
+            cache.k, cache.v = [k[idx] for k in cache.k], [v[idx] for v in cache.v]
+            rows, next_ids, pos = [rows[j] for j in keep], next_ids[idx], [pos[j] for j in keep]
+        # min() only ever moves a dummy row (its output is ignored): real rows stay below cache_len
+        positions = torch.tensor([[min(p, cache_len - 1)] for p in pos], device=device)  # (b, 1)
+        logits = model(next_ids[:, None], positions, cache=cache)[:, -1]  # (b, V)
+        pos = [p + 1 for p in pos]
+    return completions
+
+
+def _any_rank(flag: bool, sync_ranks: bool) -> bool:
+    if not sync_ranks:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GSM8K
+
+# A number as GSM8K and models write it: optional sign (not the minus of "16-3"), optional '$', thousands commas
+# ("1,000"), optional decimals. A trailing period is sentence punctuation, not a decimal point.
+NUMBER = re.compile(r"(?:(?<![\w.)])-)?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?:(?<![\w.)])-)?\$?\.\d+")
+
+
+def normalize_number(text: str) -> str | None:
+    """'$1,000.50' -> '1000.5', '2.50' -> '2.5', '3.0' -> '3', '-3' -> '-3'; None when text is not a number."""
+    s = text.replace(",", "").replace("$", "").replace(" ", "")
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the first '####' (GSM8K's answer convention); else the last number in the text.
+    Normalized by normalize_number, so '1,000', '$1000' and '1000.00' compare equal. None when there is none."""
+    marker = text.find("####")
+    if marker >= 0:
+        m = NUMBER.search(text, marker + 4)
+        if m and not text[marker + 4:m.start()].strip():  # the number must come right after '####'
+            return normalize_number(m.group())
+    numbers = NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def question_and_gold(example: dict) -> tuple[str, str | None]:
+    """GSM8K rows are {"question", "answer"}; SFT-format rows are {"src", "tgt"}."""
+    for q, a in (("question", "answer"), ("src", "tgt")):
+        if q in example and a in example:
+            return example[q], extract_answer(example[a])
+    raise ValueError(f"GSM8K example needs 'question'/'answer' or 'src'/'tgt' fields, got {sorted(example)}")
+
+
+def load_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GSM8K file not found: {path}")
+    rows = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+    return rows
+
+
+def build_prompt(tokenizer, question: str, chat: bool, system: str | None = None) -> list[int]:
+    """The token ids a model is trained to answer: the chat rendering with the assistant header (--chat), or
+    data.py's src encoding (source_encode_mode 'prompt': bos + text)."""
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        return tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+    if system:
+        raise ValueError("--system needs --chat (a plain prompt has no system turn)")
+    return tokenizer.encode(question, bos=tokenizer.bos_id is not None)
+
+
+def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_size=16, max_new_tokens=256,
+                   limit=None, system=None) -> dict:
+    """Greedy exact-match accuracy on GSM8K-format examples ({"question", "answer"} or {"src", "tgt"}).
+    With torch.distributed initialized (FSDP-sharded model or not), call it on EVERY rank with the same examples:
+    rank r decodes batches r, r+W, ... (a rank short of a batch decodes a filler), all ranks make the same number
+    of forward calls, and every rank returns the same global result."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    examples = examples[:limit] if limit is not None else examples
+    if not examples:
+        raise ValueError("evaluate_gsm8k got no examples")
+    questions, golds = zip(*(question_and_gold(ex) for ex in examples))
+    prompts = [build_prompt(tokenizer, q, chat, system) for q in questions]
+    # batch prompts of similar length together: less padding in the prefill
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    was_training = model.training
+    model.eval()
+    local = {}  # example index -> completion ids
+    for k in range(math.ceil(len(batches) / world_size)):
+        b = rank + k * world_size
+        batch = batches[b] if b < len(batches) else batches[0][:1]  # filler: same forward count on every rank
+        outs = generate(model, [prompts[i] for i in batch], max_new_tokens, tokenizer.stop_ids,
+                        vocab_size=tokenizer.vocab_size, sync_ranks=world_size > 1)
+        if b < len(batches):
+            local.update(zip(batch, outs))
+    model.train(was_training)
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        local = {i: out for part in gathered for i, out in part.items()}
+    predictions = []
+    for i, (q, gold) in enumerate(zip(questions, golds)):
+        completion = tokenizer.decode(local[i])
+        pred = extract_answer(completion)
+        predictions.append({"index": i, "question": q, "gold": gold, "prediction": pred,
+                            "correct": pred is not None and pred == gold, "completion": completion})
+    correct = sum(p["correct"] for p in predictions)
+    return {"accuracy": correct / len(predictions), "correct": correct, "total": len(predictions),
+            "predictions": predictions}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "params.json").is_file()
+
+
+def resolve_model_dir(path) -> Path:
+    """MODEL -> what to load: an HF (or Meta) directory or a train.py checkpoint (step_N/ with trainer_state.pt) as
+    is; for a train.py output directory, the newer of its HF export (hf/) and its newest complete checkpoint."""
+    import train  # lazily: only this path needs train.py's checkpoint layout
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if _is_hf_dir(path) or (path / "trainer_state.pt").is_file():
+        return path
+    found = [p / "config.json" for p in [path / "hf"] if _is_hf_dir(p)]
+    found += [p / "trainer_state.pt" for p in train.complete_checkpoints(path / "checkpoints")[-1:]]
+    if not found:
+        raise FileNotFoundError(f"{path} is not a model directory: no config.json / params.json (HF, Meta), "
+                                f"trainer_state.pt (checkpoint), hf/ or checkpoints/step_N/ (train.py output)")
+    return max(found, key=lambda f: f.stat().st_mtime).parent
+
+
+def _run_tokenizer(model_dir: Path) -> tuple[str, str | None] | None:
+    """(tokenizer path, chat_format) that train.py used for this checkpoint or export, if known."""
+    if (model_dir / "trainer_state.pt").is_file():
+        cfg = torch.load(model_dir / "trainer_state.pt", weights_only=False)["config"]
+    elif (model_dir.parent / "config.yaml").is_file():  # <run>/hf: the run's resolved config sits next to it
+        import yaml
+        cfg = yaml.safe_load(open(model_dir.parent / "config.yaml"))
+    else:
+        return None
+    return cfg["tokenizer"]["path"] or cfg["model"]["path"], cfg["tokenizer"]["chat_format"] or None
+
+
+def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
+    """(model in eval mode, tokenizer) from MODEL (see resolve_model_dir). The tokenizer: tokenizer_path if given;
+    else the tokenizer files in an HF directory; else the training run's tokenizer.path (the byte tokenizer has no
+    files). The run's tokenizer.chat_format applies unless tokenizer_path is given."""
+    import train
+    model_dir = resolve_model_dir(path)
+    run = _run_tokenizer(model_dir)
+    chat_format = run[1] if run and tokenizer_path is None else None
+    if tokenizer_path is None:
+        if _is_hf_dir(model_dir) and any((model_dir / f).is_file() for f in ("tokenizer.model", "tokenizer.json",
+                                                                             "vocab.json")):
+            tokenizer_path = str(model_dir)
+        elif run is not None:
+            tokenizer_path = run[0] if run[0] == "byte" else str(train.resolve_path(run[0], "tokenizer.path"))
+        else:
+            raise FileNotFoundError(f"{model_dir} has no tokenizer files (tokenizer.model, tokenizer.json, vocab.json)"
+                                    f" and no train.py config names one: pass --tokenizer PATH (or 'byte')")
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path, chat_format)
+    if _is_hf_dir(model_dir):
+        return model_lib.load_hf(model_dir, dtype=dtype, device=device).eval(), tokenizer
+    # a DCP checkpoint, as train.py --export reads it (DCP reshards to this single process)
+    import torch.distributed.checkpoint as dcp
+    args = model_lib.ModelArgs(**torch.load(model_dir / "trainer_state.pt", weights_only=False)["model_args"])
+    with torch.device("meta"):
+        model = model_lib.Transformer(args)
+    model.to_empty(device=device)
+    model.init_weights()  # re-ties embeddings; every weight is then read from the checkpoint
+    sd = model.state_dict()
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": sd}, checkpoint_id=str(model_dir))
+    model.load_state_dict(sd)
+    return model.to(dtype).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate with a KV cache, or evaluate GSM8K accuracy.")
+    parser.add_argument("model", help="HF directory, train.py output directory, or train.py checkpoint directory")
+    parser.add_argument("--prompt", help="text to complete (or the user turn with --chat)")
+    parser.add_argument("--chat", action="store_true", help="render with the model's chat format")
+    parser.add_argument("--system", help="system message (with --chat)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--gsm8k", metavar="FILE", help="GSM8K-format JSONL to evaluate (greedy)")
+    parser.add_argument("--limit", type=int, default=None, help="first N GSM8K examples")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output", metavar="PRED.jsonl", help="write per-example GSM8K predictions")
+    parser.add_argument("--tokenizer", help="tokenizer path or 'byte' (default: the model's, see load_model)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.gsm8k is None):
+        parser.error("give exactly one of --prompt TEXT or --gsm8k FILE")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    try:
+        model, tokenizer = load_model(args.model, args.device, dtype, args.tokenizer)
+        if args.gsm8k:
+            result = evaluate_gsm8k(model, tokenizer, load_jsonl(args.gsm8k), args.chat, args.batch_size,
+                                    args.max_new_tokens, args.limit, args.system)
+            if args.output:
+                with open(args.output, "w") as f:
+                    for p in result["predictions"]:
+                        f.write(json.dumps(p) + "\n")
+            print(f"accuracy: {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
+        else:
+            prompt = build_prompt(tokenizer, args.prompt, args.chat, args.system)
+            [completion] = generate(model, [prompt], args.max_new_tokens, tokenizer.stop_ids, args.temperature,
+                                    args.top_p, args.seed, vocab_size=tokenizer.vocab_size)
+            print(tokenizer.decode(completion))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
