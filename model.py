@@ -152,7 +152,7 @@ PRESETS: dict[str, ModelArgs] = {
                             norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True, tie_embeddings=True, max_seq_len=4096,
                             model_type="qwen3"),
     # The CPU demo with the byte tokenizer (261 ids, vocab padded to 384).
-    "demo": ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, hidden_dim=768, vocab_size=384,
+    "demo": ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=32, hidden_dim=384, vocab_size=384,
                       rope_theta=10000.0, tie_embeddings=True, max_seq_len=1024),
 }
 

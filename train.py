@@ -1,0 +1,721 @@
+"""Supervised fine-tuning of Llama 3.x / Qwen3: one flat train(cfg), FSDP2 + per-block torch.compile, DCP checkpoints.
+
+    python train.py configs/demo.yaml                                   # CPU demo: byte model learns addition
+    python train.py configs/llama3_2_1b_gsm8k.yaml optimizer.lr=1e-5 trainer.grad_accum=4
+    torchrun --nproc_per_node=8 train.py configs/qwen3_4b_gsm8k.yaml    # FSDP2 over 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        train.py configs/qwen3_4b_gsm8k.yaml trainer.dp_replicate=2     # HSDP: replicate across nodes, shard within
+    python train.py --export OUT/checkpoints/step_00000100 OUT/hf_step100   # any checkpoint -> HF directory
+
+Config: a YAML file of sections (dataset, model, tokenizer, trainer, optimizer, lr_scheduler, regime, checkpoint,
+evaluation), then `section.key=value` overrides (`--config-file FILE` also works). The resolved config is printed and
+saved as <checkpoint.dir>/config.yaml. A run resumes from the newest complete checkpoint in checkpoint.dir, at any
+world size. Loss: SUM of token cross-entropies / global number of supervised tokens (all micro-batches, all ranks).
+"""
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import typing
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+import data
+import generate
+import model as model_lib
+import tokenizer as tokenizer_lib
+
+# ------------------------------------------------------------------------------------------------------ config
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""   # a model.PRESETS name: random init (e.g. demo, tiny_llama)
+    path: str = ""   # or pretrained weights: an HF directory, or hg://org/name (huggingface_hub)
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""         # "" = the model directory; "byte" = the built-in byte tokenizer; or a directory / hg://
+    chat_format: str = ""  # "" = the tokenizer's own (llama3 | qwen3 | chatml | jinja)
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"                    # auto | cpu | cuda
+    dtype: str = "auto"                     # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
+    grad_accum: int = 1                     # micro-batches per optimizer step (alias: gradient_accumulation)
+    max_grad_norm: float = 1.0              # 0 = no clipping (the norm is still logged)
+    compile: bool = False                   # torch.compile each block in place
+    activation_checkpointing: str = "off"   # off | full | selective (keep matmul/attention outputs)
+    dp_replicate: int = 1                   # HSDP: replicate over this many groups, shard within (e.g. = nodes)
+    seed: int = 0
+    skip_nonfinite: bool = False            # skip a step with a non-finite loss / grad norm instead of stopping
+    num_threads: int = 0                    # CPU intra-op threads (0 = torch's default)
+    tensorboard: bool = False               # also log to <checkpoint.dir>/tb (needs the tensorboard package)
+
+
+@dataclass
+class OptimizerConfig:  # AdamW; no weight decay on 1-D parameters (norms, biases)
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+
+
+@dataclass
+class LRSchedulerConfig:
+    name: str = "cosine"        # cosine | linear | constant (after a linear warmup)
+    warmup_steps: int = 0
+    final_lr_scale: float = 0.1  # final lr = optimizer.lr * final_lr_scale
+
+
+@dataclass
+class RegimeConfig:
+    num_steps: int = 1000
+    validate_every_n_steps: int = 0         # 0 = only at the end (needs dataset.valid_split)
+    checkpoint_every_n_steps: int = 0       # 0 = only at the end
+    keep_last_n_checkpoints: int = 1        # 0 = keep all
+    publish_metrics_every_n_steps: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "out"         # output directory: config.yaml, metrics.jsonl, checkpoints/ (alias: output_dir)
+    resume: bool = True      # continue from the newest complete checkpoint in dir
+    export_hf: bool = False  # at the end, write an HF directory (safetensors, config, tokenizer) to <dir>/hf
+
+
+@dataclass
+class EvaluationConfig:  # GSM8K-style exact-match accuracy of greedy generations ('#### N' answers)
+    split: str = ""           # "" = off; a split of dataset.path (e.g. test), or a .jsonl path
+    every_n_steps: int = 0    # 0 = only at the start and the end
+    at_start: bool = True     # also before training (step 0)
+    limit: int = 0            # first N examples (0 = all)
+    batch_size: int = 32
+    max_new_tokens: int = 256
+
+
+@dataclass
+class Config:
+    dataset: data.DatasetConfig = field(default_factory=data.DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+# fairseq2 / common spellings -> our field names
+ALIASES = {"trainer.gradient_accumulation": "trainer.grad_accum", "trainer.max_gradient_norm": "trainer.max_grad_norm",
+           "trainer.torch_compile": "trainer.compile", "checkpoint.output_dir": "checkpoint.dir"}
+
+
+def _coerce(key: str, typ, value):
+    """value (from YAML) as the field type `typ`. PyYAML reads 3e-5 as a string: floats accept numeric strings.
+    An int field rejects 1.5 and a bool field rejects 1 (YAML true/false only)."""
+    args = typing.get_args(typ)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        typ = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(typ) or typ
+    if typ is str and value is None:
+        return ""  # YAML null for an unset string (fairseq2's valid_split: null)
+    ok = (typ is bool and isinstance(value, bool)) or (typ is int and isinstance(value, int) and not isinstance(value, bool)) \
+        or (typ is str and isinstance(value, str)) or (origin is dict and isinstance(value, dict))
+    if ok:
+        return value
+    if typ is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if origin is list and isinstance(value, (list, tuple)):
+        (item,) = typing.get_args(typ) or (object,)
+        return [v if item is object else _coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    name = getattr(typ, "__name__", str(typ))
+    raise ValueError(f"config key {key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _merge(obj, d: dict, where: str, prefix: str = ""):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(type(obj))
+    for k, v in d.items():
+        k = ALIASES.get(prefix + str(k), prefix + str(k)).removeprefix(prefix)
+        if k not in hints:
+            valid = list(hints)
+            close = difflib.get_close_matches(k, valid, n=3)
+            hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+            raise ValueError(f"{where}: unknown config key '{prefix}{k}'{hint} (valid: {', '.join(valid)})")
+        if dataclasses.is_dataclass(hints[k]):
+            _merge(getattr(obj, k), v, where, f"{prefix}{k}.")
+        else:
+            setattr(obj, k, _coerce(prefix + k, hints[k], v))
+
+
+def load_config(argv: list[str]) -> "Config":
+    """argv: ["CONFIG.yaml" | "--config-file", "CONFIG.yaml", "section.key=value" | "--section.key=value", ...]."""
+    argv, path = list(argv), None
+    if "--config-file" in argv:
+        i = argv.index("--config-file")
+        if i + 1 >= len(argv):
+            raise ValueError("--config-file needs a path")
+        path = argv.pop(i + 1)
+        argv.pop(i)
+    elif argv and not argv[0].lstrip("-").count("="):
+        path = argv.pop(0)
+    cfg = Config()
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        _merge(cfg, yaml.safe_load(Path(path).read_text()) or {}, path)
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        if not eq or not key:
+            raise ValueError(f"bad override {arg!r}: expected section.key=value")
+        *parents, leaf = key.split(".")
+        d = {leaf: yaml.safe_load(val)}
+        for p in reversed(parents):
+            d = {p: d}
+        _merge(cfg, d, f"override {arg!r}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config):
+    """Errors that would otherwise surface minutes (or a cluster allocation) later, one line each."""
+    def check(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+    ds, r, t = cfg.dataset, cfg.regime, cfg.trainer
+    check(bool(cfg.model.name) != bool(cfg.model.path), "set exactly one of model.name (a preset) and model.path")
+    if cfg.model.name:
+        model_lib.get_preset(cfg.model.name)  # ValueError listing the presets
+        check(bool(cfg.tokenizer.path), "tokenizer.path is required with model.name (e.g. tokenizer.path=byte)")
+    elif not cfg.model.path.startswith("hg://") and not Path(cfg.model.path).exists():
+        raise FileNotFoundError(f"model.path not found: {cfg.model.path}")
+    tok = cfg.tokenizer.path
+    if tok and tok != "byte" and not tok.startswith("hg://") and not Path(tok).exists():
+        raise FileNotFoundError(f"tokenizer.path not found: {tok}")
+    check(bool(ds.path), "dataset.path is required (a .jsonl file, a directory or hg://org/name)")
+    if not ds.generate_demo and not ds.path.startswith("hg://") and not Path(ds.path).exists():
+        raise FileNotFoundError(f"dataset.path not found: {ds.path} (dataset.generate_demo=true writes demo data there)")
+    data.check_config(ds)  # batching options (e.g. max_num_tokens < max_seq_len)
+    check(r.num_steps >= 1, f"regime.num_steps must be >= 1, got {r.num_steps}")
+    for k in ("validate_every_n_steps", "checkpoint_every_n_steps", "keep_last_n_checkpoints"):
+        check(getattr(r, k) >= 0, f"regime.{k} must be >= 0, got {getattr(r, k)}")
+    check(r.publish_metrics_every_n_steps >= 1, "regime.publish_metrics_every_n_steps must be >= 1")
+    check(t.device in ("auto", "cpu", "cuda"), f"trainer.device must be auto|cpu|cuda, got {t.device!r}")
+    check(t.dtype in ("auto", "float32", "bfloat16"), f"trainer.dtype must be auto|float32|bfloat16, got {t.dtype!r}")
+    check(t.grad_accum >= 1, f"trainer.grad_accum must be >= 1, got {t.grad_accum}")
+    check(t.max_grad_norm >= 0, f"trainer.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    check(t.activation_checkpointing in ("off", "full", "selective"),
+          f"trainer.activation_checkpointing must be off|full|selective, got {t.activation_checkpointing!r}")
+    check(t.dp_replicate >= 1, f"trainer.dp_replicate must be >= 1, got {t.dp_replicate}")
+    o, s = cfg.optimizer, cfg.lr_scheduler
+    check(o.lr > 0 and o.eps > 0 and o.weight_decay >= 0, "optimizer.lr and eps must be > 0, weight_decay >= 0")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optimizer.betas must be [b1, b2] in [0, 1), got {o.betas}")
+    check(s.name in ("cosine", "linear", "constant"), f"lr_scheduler.name must be cosine|linear|constant, got {s.name!r}")
+    check(s.warmup_steps >= 0 and 0 <= s.final_lr_scale <= 1, "lr_scheduler: need warmup_steps >= 0, 0 <= final_lr_scale <= 1")
+    e = cfg.evaluation
+    check(e.limit >= 0 and e.batch_size >= 1 and e.max_new_tokens >= 1 and e.every_n_steps >= 0,
+          "evaluation: need limit >= 0, batch_size >= 1, max_new_tokens >= 1, every_n_steps >= 0")
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def print0(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def resolve_path(path: str, what: str) -> Path:
+    """A local path as is; hg://org/name through huggingface_hub (local rank 0 downloads, the others reuse its cache)."""
+    if not path.startswith("hg://"):
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{what}={path} needs huggingface_hub: pip install huggingface_hub") from None
+
+    def download():
+        try:
+            return Path(snapshot_download(path.removeprefix("hg://")))
+        except Exception as e:  # offline without a cached snapshot, gated or missing repo, network errors
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise FileNotFoundError(f"{what}={path}: cannot get it from the Hub ({type(e).__name__}: {first})") from None
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    local = download() if first_on_node else None
+    barrier()
+    return local or download()
+
+
+def load_tokenizer(path: str, chat_format: str):
+    return tokenizer_lib.load_tokenizer(path if path == "byte" else str(resolve_path(path, "tokenizer.path")),
+                                        chat_format or None)
+
+
+def get_lr(step: int, cfg: Config) -> float:
+    """Linear warmup to optimizer.lr, then cosine / linear decay to lr * final_lr_scale at num_steps (or constant)."""
+    s, base = cfg.lr_scheduler, cfg.optimizer.lr
+    if step < s.warmup_steps:
+        return base * (step + 1) / (s.warmup_steps + 1)
+    progress = min(1.0, (step - s.warmup_steps) / max(1, cfg.regime.num_steps - s.warmup_steps))
+    if s.name == "cosine":
+        return base * (s.final_lr_scale + (1 - s.final_lr_scale) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if s.name == "linear":
+        return base * (1 - (1 - s.final_lr_scale) * progress)
+    return base
+
+
+# Selective activation checkpointing: keep the outputs of matmuls and attention (costly to recompute), recompute
+# the cheap elementwise ops and norms (torchtitan's op-level SAC, without its every-other-mm refinement).
+_SAC_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _sac_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(block: torch.nn.Module, mode: str):
+    """Wrap the block's forward in place (no wrapper module, so state-dict keys stay clean)."""
+    forward = block.forward
+    extra = {} if mode == "full" else {"context_fn": partial(create_selective_checkpoint_contexts, _sac_policy)}
+    block.forward = lambda *a, **k: checkpoint(forward, *a, use_reentrant=False, **extra, **k)
+
+
+CKPT_PREFIX = "step_"
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Checkpoints that finished writing (a killed writer leaves only a *.tmp directory), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    done = [p for p in ckpt_root.glob(CKPT_PREFIX + "*") if not p.name.endswith(".tmp") and (p / "trainer_state.pt").is_file()]
+    return sorted(done, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX)))
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_loader, extra: dict, keep_last: int):
+    """Sharded DCP save of model + optimizer (each rank writes its own shards; nothing gathered) into step_N.tmp,
+    renamed to step_N only when every rank is done, so a crash mid-write leaves the previous checkpoint the newest.
+    Multi-node needs checkpoint.dir on a shared filesystem (as DCP does)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = ckpt_root / f"{CKPT_PREFIX}{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if rank == 0:  # the loader's state is one global cursor, identical on every rank: stored once
+        torch.save({"step": step, "loader": train_loader.state_dict(), **extra}, tmp / "trainer_state.pt")
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)  # a stale one of an earlier run (checkpoint.resume=false)
+        os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
+        old = complete_checkpoints(ckpt_root)
+        for p in old[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(p)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, train_loader) -> int:
+    """Restore model, optimizer, loader and RNG; DCP reshards, so the world size may differ from the writer's."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes empty AdamW state so it has a layout
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file (loader state, config)
+    train_loader.load_state_dict(trainer_state["loader"])
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():  # absent when resuming at a larger world size: the seed-derived state stays
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return trainer_state["step"]
+
+
+def generation_config(tok) -> dict:
+    """eos_token_id lists every id that ends generation (eos AND the chat end-of-turn: PITFALLS 7)."""
+    eos = list(dict.fromkeys(i for i in [tok.eos_id, tok.eot_id, *tok.stop_ids] if i is not None))
+    gen = {"eos_token_id": eos, "do_sample": False}
+    if tok.bos_id is not None:
+        gen["bos_token_id"] = tok.bos_id
+    if tok.pad_id is not None:
+        gen["pad_token_id"] = tok.pad_id
+    return gen
+
+
+def export_hf(model, args, tok, out_dir: Path):
+    """Gather the full weights to rank 0's CPU (others get nothing) and write an HF directory."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model_lib.save_hf(sd, args, out_dir, generation_config=generation_config(tok))
+        tok.save(out_dir)
+        print0(f"exported HF model to {out_dir}")
+    barrier()
+
+
+def load_checkpoint_model(ckpt_dir) -> tuple[torch.nn.Module, dict]:
+    """A saved (sharded, any world size) checkpoint's weights in a plain CPU Transformer, and its trainer state."""
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"not a complete checkpoint (no trainer_state.pt): {ckpt}")
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)  # our own file
+    with torch.device("meta"):
+        model = model_lib.Transformer(model_lib.ModelArgs(**state["model_args"]))
+    model.to_empty(device="cpu")
+    model.init_weights()  # RoPE buffers and the tie; every weight is then read from the checkpoint
+    sd = model.state_dict()
+    dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
+    model.load_state_dict(sd)
+    return model, state
+
+
+def export_checkpoint(ckpt_dir: str, out_dir: str):
+    """`python train.py --export CKPT_DIR OUT_DIR`: a saved checkpoint -> an HF directory, in one process."""
+    model, state = load_checkpoint_model(ckpt_dir)
+    tok_cfg, model_cfg = state["config"]["tokenizer"], state["config"]["model"]
+    tok = load_tokenizer(tok_cfg["path"] or model_cfg["path"], tok_cfg["chat_format"])
+    export_hf(model, model.args, tok, Path(out_dir))
+
+
+def load_eval_examples(cfg: Config) -> list[dict]:
+    """GSM8K-format rows {"question", "answer"} of evaluation.split (src_field / tgt_field mapped), read with data.py's
+    file layout rules (a .jsonl path, or a split of dataset.path: <split>.jsonl, hg://...)."""
+    e, ds = cfg.evaluation, cfg.dataset
+    files = [e.split] if e.split.endswith(".jsonl") else data.resolve_files(ds.path, e.split)
+    rows = [data.parse_record(where, raw) for f in files for where, raw in data.read_records(f)]
+    rows = rows[:e.limit] if e.limit else rows
+    for i, row in enumerate(rows):
+        if ds.src_field not in row or ds.tgt_field not in row:
+            raise ValueError(f"evaluation.split={e.split}: example {i} lacks field {ds.src_field!r} or {ds.tgt_field!r}")
+    return [{"question": row[ds.src_field], "answer": row[ds.tgt_field]} for row in rows]
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}  # dense, per GPU
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux reports KiB)
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: Config) -> dict:
+    """Returns {"step", "val_loss", "eval"} of the last evaluations (for tests and scripts)."""
+    # --- distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` on CPU runs undistributed
+    device_type = cfg.trainer.device if cfg.trainer.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # FSDP2 whenever there is a process group. One CPU process skips it: with one rank FSDP only adds per-module
+    # hook overhead (measured 3x on a tiny model); one GPU still uses it for bf16 compute over fp32 master weights.
+    use_fsdp = "RANK" in os.environ or device.type == "cuda"
+    if use_fsdp and not dist.is_initialized():
+        single = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None, **single)
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.trainer.dtype]
+    if dtype == torch.bfloat16 and not use_fsdp:
+        raise ValueError("trainer.dtype=bfloat16 needs FSDP (CUDA or torchrun); one CPU process trains in float32")
+    mesh = None
+    if use_fsdp:
+        R = cfg.trainer.dp_replicate
+        if world % R:
+            raise ValueError(f"trainer.dp_replicate={R} must divide the world size {world}")
+        mesh = init_device_mesh(device.type, (R, world // R), mesh_dim_names=("dp_replicate", "dp_shard")) \
+            if R > 1 else init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
+    is_master = rank == 0
+    out_dir = Path(cfg.checkpoint.dir)
+    ckpt_root = out_dir / "checkpoints"
+    if is_master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(asdict(cfg), sort_keys=False)
+        print(f"# resolved config (saved to {out_dir / 'config.yaml'})\n{text}", flush=True)
+        (out_dir / "config.yaml").write_text(text)
+    random.seed(cfg.trainer.seed)
+
+    # --- tokenizer and data
+    tok = load_tokenizer(cfg.tokenizer.path or cfg.model.path, cfg.tokenizer.chat_format)
+    loader_kw = dict(rank=rank, world_size=world, seed=cfg.trainer.seed, device=device)
+    train_loader = data.build_loader(cfg.dataset, tok, cfg.dataset.train_split, **loader_kw)
+    val_loader = data.build_loader(cfg.dataset, tok, cfg.dataset.valid_split, infinite=False, **loader_kw) \
+        if cfg.dataset.valid_split else None
+    eval_examples = load_eval_examples(cfg) if cfg.evaluation.split else None
+
+    # --- model: meta-device build -> AC -> compile -> FSDP2 -> materialize shards -> rank 0 loads, broadcasts
+    # Rank 0 alone holds the full weights (pretrained, or a seeded random init identical at any world size); the
+    # other ranks only get their shards, by broadcast, so a 70B run needs 70B of host memory on rank 0 only.
+    model_dir = resolve_path(cfg.model.path, "model.path") if cfg.model.path else None
+    full = None
+    if is_master and model_dir:
+        full = model_lib.load_hf(model_dir, dtype=dtype)  # the weights' own precision (bf16) on GPU
+    elif is_master:
+        torch.manual_seed(cfg.trainer.seed)
+        full = model_lib.Transformer(model_lib.get_preset(cfg.model.name))
+        full.init_weights()
+    box = [full.args if full is not None else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    args = box[0]
+    if args.vocab_size < tok.vocab_size:
+        raise ValueError(f"model vocab_size={args.vocab_size} < tokenizer vocab_size={tok.vocab_size}")
+    with torch.device("meta"):
+        model = model_lib.Transformer(args)
+    for block in model.layers:
+        if cfg.trainer.activation_checkpointing != "off":
+            apply_activation_checkpointing(block, cfg.trainer.activation_checkpointing)
+        if cfg.trainer.compile:
+            block.compile()  # in place: no "_orig_mod." in state-dict keys
+    if use_fsdp:
+        mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, head (tied with embeddings)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):  # we divide by the global token count ourselves: FSDP must only sum
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM; factor 1 needs none)
+    model.to_empty(device=device)
+    with warnings.catch_warnings():  # random init of CPU DTensors warns; the values are overwritten right below
+        warnings.filterwarnings("ignore", message="DTensor random operators")
+        model.init_weights()  # RoPE buffers (garbage after to_empty) and the embedding tie; weights come next
+    if use_fsdp:
+        set_model_state_dict(model, full.state_dict() if is_master else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        model.load_state_dict(full.state_dict())
+    del full
+    assert not args.tie_embeddings or model.output.weight is model.tok_embeddings.weight, "embedding tie lost"
+    n_params = model_lib.num_params(args)
+    print0(f"model: {cfg.model.name or cfg.model.path} {n_params / 1e6:.1f}M params | world {world} | "
+           f"device {device.type} | {'FSDP2' if use_fsdp else 'no FSDP'} | dtype {dtype} | compile {cfg.trainer.compile}")
+
+    # --- optimizer (no weight decay on norms / biases), resume
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optimizer.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                                  fused=device.type == "cuda")
+    step = 0
+    ckpts = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
+    if ckpts:
+        step = load_checkpoint(ckpts[-1], model, optimizer, train_loader)
+        print0(f"resumed from {ckpts[-1]} at step {step}")
+    extra = {"model_args": asdict(args), "config": asdict(cfg)}  # for `--export` and for humans
+
+    # --- logging
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if is_master else None
+    tb = None
+    if cfg.trainer.tensorboard and is_master:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        tb = SummaryWriter(str(out_dir / "tb"))
+
+    def publish(record: dict):
+        if is_master:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            for k, v in record.items():
+                if tb is not None and isinstance(v, (int, float)) and k != "step":
+                    tb.add_scalar(k, v, record["step"])
+
+    def validate() -> float:
+        model.eval()
+        sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, supervised tokens
+        with torch.no_grad():
+            for b in val_loader:  # one full pass; the same number of batches on every rank
+                sums[0] += model(b.tokens, b.positions, b.doc_ids, b.labels).double()
+                sums[1] += b.num_label_tokens
+        model.train()
+        all_reduce_sum(sums)
+        return (sums[0] / sums[1].clamp(min=1)).item()
+
+    def evaluate() -> dict:
+        with torch.compiler.set_stance("force_eager"):  # generation shapes vary every step: no recompiles
+            res = generate.evaluate_gsm8k(model, tok, eval_examples, chat=cfg.dataset.chat_mode,
+                                          batch_size=cfg.evaluation.batch_size,
+                                          max_new_tokens=cfg.evaluation.max_new_tokens)
+        print0(f"step {step}: gsm8k accuracy {res['accuracy']:.1%} ({res['correct']}/{res['total']})")
+        publish({"step": step, "eval_accuracy": res["accuracy"]})
+        return res
+
+    # --- training loop: lr -> (eval / checkpoint) -> micro-steps -> clip -> step -> log
+    num_steps, grad_accum = cfg.regime.num_steps, cfg.trainer.grad_accum
+    result = {"step": step, "val_loss": None, "eval": None}
+    model.train()
+    train_iter = iter(train_loader)
+    window = dict.fromkeys(("tokens", "labels", "padded", "steps", "loss", "seq_len", "time"), 0)  # since the last log
+    start_step, train_time = step, 0.0  # train_time: seconds in training steps (no eval / checkpoint), for the ETA
+    while True:
+        lr = get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        last = step >= num_steps
+        every = lambda n: n > 0 and step % n == 0  # noqa: E731
+        if val_loader and (last or (every(cfg.regime.validate_every_n_steps) and step > start_step)):
+            result["val_loss"] = validate()
+            print0(f"step {step}: validation loss {result['val_loss']:.4f}")
+            publish({"step": step, "val_loss": result["val_loss"]})
+        if eval_examples and (last or (step == start_step == 0 and cfg.evaluation.at_start)
+                              or (every(cfg.evaluation.every_n_steps) and step > start_step)):
+            result["eval"] = evaluate()
+        if step > start_step and (last or every(cfg.regime.checkpoint_every_n_steps)):
+            path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
+                                   cfg.regime.keep_last_n_checkpoints)
+            print0(f"step {step}: saved checkpoint {path}")
+        if last:
+            break
+
+        # The step's micro-batches are fetched up front: the global count of supervised tokens must be known before
+        # the first backward. data.py's loader prefetches the next ones in a background thread meanwhile.
+        t0 = time.perf_counter()
+        batches = [next(train_iter) for _ in range(grad_accum)]
+        counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
+                               sum(b.tokens.numel() for b in batches)], device=device, dtype=torch.float64)
+        all_reduce_sum(counts)
+        n_labels = counts[0].clamp(min=1).float()  # guard: a step with no supervised token has loss 0
+        loss_sum = torch.zeros((), device=device)
+        for i, b in enumerate(batches):
+            if use_fsdp:  # reduce-scatter gradients only after the last micro-batch
+                model.set_requires_gradient_sync(i == grad_accum - 1)
+            loss = model(b.tokens, b.positions, b.doc_ids, b.labels) / n_labels  # SUM of CE / global count
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        loss_val, grad_norm = all_reduce_sum(loss_sum).item(), grad_norm.item()  # one sync: needed for the check
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            if not cfg.trainer.skip_nonfinite:
+                raise RuntimeError(f"non-finite loss {loss_val} / grad norm {grad_norm} at step {step + 1}: stopping "
+                                   f"(last checkpoint kept; set trainer.skip_nonfinite=true to skip such steps)")
+            print0(f"step {step + 1}: non-finite loss {loss_val} / grad norm {grad_norm}: step skipped")
+        elif counts[0] > 0:
+            optimizer.step()
+        else:
+            print0(f"step {step + 1}: no supervised token in the global batch: no update")
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        train_time += dt
+
+        for k, v in zip(("labels", "tokens", "padded"), counts.tolist()):
+            window[k] += v
+        window["steps"] += 1
+        window["time"] += dt
+        window["loss"] += loss_val if math.isfinite(loss_val) else 0.0
+        window["seq_len"] = batches[0].tokens.shape[1]
+        if step % cfg.regime.publish_metrics_every_n_steps == 0 or step == num_steps:
+            dt = window["time"]
+            rec = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": window["tokens"] / dt, "label_tokens_per_s": window["labels"] / dt,
+                   "padding": 1 - window["tokens"] / max(1, window["padded"]), "memory_gb": memory_gb(device)}
+            peak = peak_flops(device)
+            if peak:
+                # the compute done: every token slot of the batch, padding included
+                rec["mfu"] = window["padded"] / dt * model_lib.flops_per_token(args, window["seq_len"]) / (peak * world)
+            eta = train_time / (step - start_step) * (num_steps - step)
+            print0(f"step {step}/{num_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
+                   f"tok/s {rec['tokens_per_s']:,.0f} (sup {rec['label_tokens_per_s']:,.0f})"
+                   + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "")
+                   + f" | pad {rec['padding']:.1%} | mem {rec['memory_gb']:.2f}GB | eta {eta / 60:.1f}m")
+            publish(rec)
+            window = dict.fromkeys(window, 0)
+
+    # --- final export
+    if cfg.checkpoint.export_hf:
+        export_hf(model, args, tok, out_dir / "hf")
+    result["step"] = step
+    if metrics_file:
+        metrics_file.close()
+    if tb is not None:
+        tb.close()
+    return result
+
+
+def main(argv: list[str]):
+    if argv and argv[0] == "--export":
+        if len(argv) != 3:
+            raise SystemExit("usage: python train.py --export CHECKPOINT_DIR OUT_DIR")
+        export_checkpoint(argv[1], argv[2])
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        raise SystemExit(__doc__)
+    try:
+        cfg = load_config(argv)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"config error: {e}") from None
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
