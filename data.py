@@ -684,7 +684,8 @@ def build_loader(cfg: DatasetConfig, tokenizer, split: str, rank=0, world_size=1
     if cfg.generate_demo:
         demo = dict(n_train=cfg.demo_n_train, n_valid=cfg.demo_n_valid, max_value=cfg.demo_max_value)
         marker = os.path.join(cfg.path, "demo.json")  # our own demo data is regenerated when its options change
-        if _is_builder(rank) and (not _has_data(cfg.path) or os.path.isfile(marker) and _read_json(marker) != demo):
+        stale = os.path.isfile(marker) and _read_json(marker) != dict(demo, format=DEMO_FORMAT)
+        if _is_builder(rank) and (not _has_data(cfg.path) or stale):
             make_demo_data(cfg.path, seed=0, **demo)
         _dist_barrier()
     data = load_data(cfg, tokenizer, split, rank)
@@ -715,9 +716,25 @@ def _has_data(path):
                                                                           recursive=True)))
 
 
+DEMO_FORMAT = 2  # bump when demo_answer changes, so old demo data on disk is rewritten
+
+
+def demo_answer(a: int, b: int, width: int) -> str:
+    """The demo's worked answer: column addition from the ones digit up, one line per column with its carry, then
+    the GSM8K-style final line. 49 + 97 (width 2) -> "9+7+0=16\n4+9+1=14\n#### 146". Every line is a one-digit fact
+    plus copies, which a tiny model learns in minutes; a bare "= 146" asks it to add in one step and it does not."""
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    lines, carry = [], 0
+    for x, y in zip(da, db):
+        s = int(x) + int(y) + carry
+        lines.append(f"{x}+{y}+{carry}={s}")
+        carry = s // 10
+    return "\n".join(lines) + f"\n#### {a + b}"
+
+
 def make_demo_data(directory, seed=0, n_train=4000, n_valid=200, max_value=999):
-    """Write train.jsonl / valid.jsonl: {"question": "What is 348 + 75?", "answer": "348 + 75 = 423\\n#### 423"}.
-    Train and valid questions are disjoint."""
+    """Write train.jsonl / valid.jsonl of column-addition problems in GSM8K format: {"question": "What is 49 + 97?",
+    "answer": "9+7+0=16\n4+9+1=14\n#### 146"} (see demo_answer). Train and valid questions are disjoint."""
     rng = random.Random(seed)
     pairs, seen = [], set()
     n = min(n_train + n_valid, (max_value + 1) ** 2)
@@ -726,16 +743,17 @@ def make_demo_data(directory, seed=0, n_train=4000, n_valid=200, max_value=999):
         if (a, b) not in seen:
             seen.add((a, b))
             pairs.append((a, b))
+    width = len(str(max_value))
     os.makedirs(directory, exist_ok=True)
     for split, chunk in (("train", pairs[n_valid:]), ("valid", pairs[:n_valid])):
         tmp = os.path.join(directory, f".{split}.jsonl.tmp{os.getpid()}")
         with open(tmp, "w") as f:
             for a, b in chunk:
-                qa = {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+                qa = {"question": f"What is {a} + {b}?", "answer": demo_answer(a, b, width)}
                 f.write(json.dumps(qa) + "\n")
         os.replace(tmp, os.path.join(directory, f"{split}.jsonl"))
     with open(os.path.join(directory, "demo.json"), "w") as f:
-        json.dump(dict(n_train=n_train, n_valid=n_valid, max_value=max_value), f)
+        json.dump(dict(n_train=n_train, n_valid=n_valid, max_value=max_value, format=DEMO_FORMAT), f)
 
 
 # ----------------------------------------------------------------------------------------------------------------

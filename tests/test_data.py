@@ -466,6 +466,14 @@ def test_parallel_build_equals_serial(tmp_path, tok, qa_dir, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ demo, report
 
+def test_demo_answer_is_column_addition():
+    assert data.demo_answer(49, 97, 2) == "9+7+0=16\n4+9+1=14\n#### 146"
+    assert data.demo_answer(3, 4, 2) == "3+4+0=7\n0+0+0=0\n#### 7"  # leading zeros pad the columns, not the result
+    assert data.demo_answer(999, 1, 3) == "9+1+0=10\n9+0+1=10\n9+0+1=10\n#### 1000"
+    from generate import extract_answer
+    assert extract_answer(data.demo_answer(58, 67, 2)) == "125"  # the evaluation reads the '#### ' line
+
+
 def test_demo_data_and_generate_demo(tmp_path, tok):
     data.make_demo_data(tmp_path / "demo", n_train=50, n_valid=10)
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "train.jsonl")]
