@@ -520,8 +520,13 @@ def train(cfg: Config) -> dict:
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     args = box[0]
-    if args.vocab_size < tok.vocab_size:
-        raise ValueError(f"model vocab_size={args.vocab_size} < tokenizer vocab_size={tok.vocab_size}")
+    # What must fit the embedding table is every id the model will see, not the tokenizer's whole list: Llama 3.2's
+    # tokenizer files add <|image|> = 128256 to a 128,256-row model, and neither text nor chat rendering emits it.
+    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    max_id = max([pad_id] + [int(ld.data.tokens.max()) for ld in (train_loader, val_loader) if ld is not None])
+    if max_id >= args.vocab_size:
+        raise ValueError(f"token id {max_id} (data or pad) does not fit the model's vocab_size={args.vocab_size}: "
+                         f"the tokenizer ({tok.vocab_size} ids) does not belong to this model")
     with torch.device("meta"):
         model = model_lib.Transformer(args)
     for block in model.layers:

@@ -306,3 +306,21 @@ def test_nonfinite_loss_stops_or_skips(tiny_data, tmp_path):
     cfg["trainer"]["skip_nonfinite"] = True
     cfg["checkpoint"]["dir"] = str(tmp_path / "skip")
     assert train_in_process(cfg, tmp_path, "skip.yaml")["step"] == 3
+
+
+def test_vocab_check_is_on_the_ids_the_model_sees(tiny_data, tmp_path, llama3_tokenizer_dir, qwen3_tokenizer_dir):
+    """The real Llama 3.2 tokenizer files list 128,257 ids (<|image|> = 128256) for a 128,256-row model: that trains,
+    because no text or chat rendering emits it. A tokenizer whose ids do not fit the model is a clear error."""
+    import dataclasses
+    import model as model_lib
+    args = dataclasses.replace(model_lib.get_preset("tiny_llama"), vocab_size=128256)
+    torch.manual_seed(0)
+    m = model_lib.Transformer(args)
+    m.init_weights()
+    model_lib.save_hf(m, args, tmp_path / "llama_vocab")
+    cfg = tiny_cfg(tiny_data, tmp_path / "ok", model={"name": "", "path": str(tmp_path / "llama_vocab")},
+                   tokenizer={"path": str(llama3_tokenizer_dir)}, regime={"num_steps": 1})
+    assert train_in_process(cfg, tmp_path, "ok.yaml")["step"] == 1
+    cfg = tiny_cfg(tiny_data, tmp_path / "bad", tokenizer={"path": str(qwen3_tokenizer_dir)})
+    with pytest.raises(ValueError, match="does not fit the model's vocab_size=512"):
+        train_in_process(cfg, tmp_path, "bad.yaml")
