@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# Replace bench/ on sys.path: this file would otherwise shadow the standard library's tokenize module.
+sys.path[0] = str(ROOT)
 
 
 def best_time(fn, repeats):

@@ -1,0 +1,522 @@
+"""All training benchmarks on one CUDA GPU in one run (< 7 min), printing one table; bf16.
+
+    python bench/gpu.py                        # H100 / H200; the table also goes to $OUT/gpu_bench.txt when OUT is set
+    python bench/gpu.py --time-budget 300 --cases packed4096,packed2048
+    python bench/gpu.py --smoke                # tiny shapes on CPU (gloo): exercises every code path, no GPU needed
+
+Cases, in this order (each in try/except; a case that would not fit the remaining --time-budget is skipped):
+  packed4096 / packed2048  Llama 3.2 1B shape (preset llama3_2_1b, random init, tied 128,256 vocab), --budget token
+        slots per step. Ours: data.py's packing (best-fit-decreasing, data.plan_epoch + data.collate) of GSM8K-like
+        documents into rows of 4096 / 2048 tokens, doc_ids -> flex_attention document mask. HF: the same documents,
+        Trainer's default batching: static batches of N in random order padded to the longest (N: mean padded size
+        <= budget), attn_implementation="sdpa" with attention_mask. Document lengths: (prompt, response) pairs of
+        256 real GSM8K train examples under the Llama 3.2 tokenizer, embedded in bench/common.py (no data files needed).
+  llama_cpu / qwen3_cpu    bench/train_step.py's shapes (vocab 128,256 / 151,936), the same 8 x 512 batch for both.
+  same4096                 1B, the same 2 x 4096 batch for both (plain causal rows: kernels + loss head only).
+  generate                 bench/generate.py --device cuda --dtype bfloat16 (decode tokens/s), if time is left.
+Precision, mirroring train.py on one GPU: ours = FSDP2 (1 rank) MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32) over fp32 master weights, per-block torch.compile, fused AdamW, loss = SUM CE / supervised
+tokens; HF = what Trainer(bf16=True) does: bf16 autocast over fp32 weights, fused AdamW (Trainer's default), its
+default loss. Both clip the grad norm at 1.0 and read loss + grad norm each step (as train.py / Trainer log).
+Weights: one seeded random init, loaded into both (ours via set_model_state_dict as train.py, HF via
+model.ours_to_hf); the loss of step 0 is compared (packed cases: ours' first packed batch vs HF forward on the same
+documents padded) as a correctness check.
+Columns: trained tok/s = supervised tokens (labels != -100) per second over --steps timed steps after --warmup
+steps (the first step, with compilation, is reported separately). MFU = model.flops_per_token(args, row length)
+x real (non-pad) tokens/s / 989e12 (H100/H200 SXM dense bf16); the formula counts the head and all matmuls but not
+the embedding gather, and attention at the row length (ours: packed documents are much shorter, so the attention
+term over-counts what flex computes; the notes give ours also at the mean document length). Peak GB =
+torch.cuda.max_memory_allocated during the timed side (params, grads, optimizer state, activations).
+"""
+import os
+import sys
+import time
+
+_T0 = time.time()
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# bench/ holds tokenize.py and data.py: first on sys.path (as `python bench/x.py` puts it) they would shadow the
+# standard library's tokenize (which torch imports) and the repository's data.py. Use the repository root instead.
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse
+import contextlib
+import gc
+import json
+import subprocess
+import traceback
+
+import numpy as np
+import torch
+
+from bench import common
+
+PEAK_FLOPS = 989e12  # H100 / H200 SXM, dense bf16
+REPORT = []          # lines for $OUT/gpu_bench.txt
+
+
+def log(msg=""):
+    print(msg, flush=True)
+    REPORT.append(msg)
+
+
+def left(args):
+    return args.time_budget - (time.time() - _T0)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_gb(device):
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ------------------------------------------------------------------------------------------------ models
+_MESH = None
+
+
+def mesh_1rank(device):
+    """A 1-rank process group and mesh, as train.py makes for one GPU (FSDP2 gives it bf16 compute over fp32)."""
+    global _MESH
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    if _MESH is None:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1, device_id=torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else None)
+        _MESH = init_device_mesh(device.type, (1,), mesh_dim_names=("dp_shard",))
+    return _MESH
+
+
+def init_state_dict(margs, device, seed=0):
+    """One seeded random init (model.init_weights), as a full fp32 state dict on the CPU."""
+    import model as M
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        m = M.Transformer(margs)
+    m.to_empty(device=device)
+    m.init_weights()
+    sd = {k: v.detach().to("cpu") for k, v in m.state_dict().items()}
+    del m
+    free(device)
+    return sd
+
+
+def build_ours(margs, sd, device, mode, compile_blocks):
+    """mode "fsdp": train.py's single-GPU path; "autocast": plain module + bf16 autocast (fallback)."""
+    import model as M
+    with torch.device("meta"):
+        model = M.Transformer(margs)
+    if compile_blocks:
+        for block in model.layers:
+            block.compile()  # in place, as train.py
+    if mode == "fsdp":
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        mesh = mesh_1rank(device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+    model.to_empty(device=device)
+    model.init_weights()
+    if mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        # a copy: the call replaces the dict's values with DTensors, and the HF side reads `sd` next
+        set_model_state_dict(model, dict(sd), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        model.load_state_dict(sd)
+    model.train()
+    return model, common.ours_optimizer(model, device.type)
+
+
+def build_hf(margs, sd, device):
+    import model as M
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = margs.to_hf_config()
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(M.ours_to_hf(sd, margs), strict=False)
+    allowed = {"lm_head.weight"} if margs.tie_embeddings else set()
+    if unexpected or set(missing) - allowed:
+        raise RuntimeError(f"HF weights did not load: missing {missing}, unexpected {unexpected}")
+    if margs.tie_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "HF lost the tie"
+    model.train()
+    return model, common.hf_optimizer(model)
+
+
+def autocast(device, on=True):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def ours_step(model, opt, b, device, use_autocast):
+    with autocast(device, use_autocast):
+        loss = model(b["tokens"], b["positions"], b["doc_ids"], b["labels"]) / max(b["n_sup"], 1)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if hasattr(gn, "full_tensor"):  # DTensor under FSDP2
+        gn = gn.full_tensor()
+    loss_val, _ = loss.item(), gn.item()  # train.py reads both every step (non-finite check)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_val
+
+
+def hf_step(model, opt, b, device):
+    with autocast(device):  # Trainer(bf16=True): autocast around the forward (and the loss inside it)
+        loss = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), labels=b["labels"]).loss
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    loss_val, _ = loss.item(), gn.item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_val
+
+
+def run_side(step, batches, args, device):
+    """First step (compile) timed alone, warmup, then --steps timed steps cycling over `batches`."""
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    loss0 = step(batches[0])
+    sync(device)
+    first = time.perf_counter() - t0
+    for i in range(1, args.warmup):
+        step(batches[i % len(batches)])
+    sync(device)
+    t0 = time.perf_counter()
+    used = []
+    for i in range(args.steps):
+        b = batches[(args.warmup + i) % len(batches)]
+        step(b)
+        used.append(b)
+    sync(device)
+    secs = time.perf_counter() - t0
+    return dict(loss0=loss0, first_s=first, secs=secs, steps=args.steps, peak_gb=peak_gb(device),
+                sup=sum(b["n_sup"] for b in used), real=sum(b["n_real"] for b in used),
+                slots=sum(b["n_slots"] for b in used), seq_len=float(np.mean([b["seq_len"] for b in used])))
+
+
+# ------------------------------------------------------------------------------------------------ data
+class SyntheticDocs:
+    """GSM8K-like documents (embedded length sample, random token ids) laid out like data.py's TokenizedData (flat
+    `tokens` / `mask`, `offsets`, `lengths` in model tokens, `example(i)` -> (ids, mask)), so that data.plan_epoch
+    and data.collate pack them exactly as the real pipeline packs a tokenized dataset."""
+
+    def __init__(self, n, vocab_size, seed=0):
+        g = np.random.default_rng(seed)
+        pairs = common.gsm8k_like_docs(n, seed)
+        sizes = np.array([p + r for p, r in pairs], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.tokens = g.integers(1000, vocab_size, int(sizes.sum())).astype(np.uint32)
+        self.mask = np.concatenate([np.r_[np.zeros(p, np.uint8), np.ones(r, np.uint8)] for p, r in pairs])
+        self.lengths = sizes - 1  # model tokens per example
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def example(self, i):
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b].astype(np.int64), self.mask[a:b]
+
+
+def ours_packed_batches(docs, seq_len, budget, n_batches, device):
+    import data
+    cfg = data.DatasetConfig(max_seq_len=seq_len, max_num_tokens=budget, packing=True)
+    fits = np.flatnonzero(docs.lengths <= seq_len)  # data.py drops longer examples (only --smoke has any)
+    plan = data.plan_epoch(docs.lengths[fits], cfg, seed=0, epoch=0, shuffle=True)
+    plan = [[[int(fits[i]) for i in row] for row in batch] for batch in plan]
+    # Full batches only (the plan's last batch can have fewer rows); the fullest rows are the first ones.
+    plan = [b for b in plan if len(b) == budget // seq_len][:n_batches]
+    out = []
+    for rows in plan:
+        b = data.collate(docs, rows, pad_id=0, packed_len=seq_len).to(device)
+        out.append(dict(tokens=b.tokens, labels=b.labels, positions=b.positions, doc_ids=b.doc_ids,
+                        n_sup=b.num_label_tokens, n_real=b.num_tokens, n_slots=b.tokens.numel(), seq_len=seq_len,
+                        doc_idx=[i for row in rows for i in row]))
+    return out
+
+
+def hf_padded_batches(docs, n, n_batches, device, seed=0):
+    lengths = (docs.lengths + 1).tolist()  # HF feeds all ids
+    out = []
+    for idx in common.hf_batches(lengths, n, seed, 0)[:n_batches]:
+        input_ids, attention_mask, labels = common.hf_collate([docs.example(i) for i in idx], pad_id=0)
+        out.append(dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        labels=labels.to(device), n_sup=int((labels[:, 1:] != -100).sum()),
+                        n_real=int(attention_mask.sum()), n_slots=input_ids.numel(), seq_len=input_ids.shape[1]))
+    return out
+
+
+def hf_loss_on_docs(model, docs, idx, device, chunk=16):
+    """Mean CE of the HF model over the supervised tokens of documents `idx`, each padded separately (no_grad)."""
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast(device):
+        for i in range(0, len(idx), chunk):
+            input_ids, attention_mask, labels = common.hf_collate([docs.example(j) for j in idx[i:i + chunk]], 0)
+            n = int((labels[:, 1:] != -100).sum())
+            loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         labels=labels.to(device)).loss
+            total, count = total + loss.item() * n, count + n
+    return total / count
+
+
+# ------------------------------------------------------------------------------------------------ cases
+def case_packed(args, device, seq_len, state):
+    import model as M
+    margs = state["margs_1b"]
+    docs = SyntheticDocs(args.docs, margs.vocab_size)
+    n_hf = common.choose_hf_batch_size((docs.lengths + 1).tolist(), args.budget)
+    ours_b = ours_packed_batches(docs, seq_len, args.budget, args.n_batches, device)
+    hf_b = hf_padded_batches(docs, n_hf, args.n_batches, device)
+    res = {"margs": margs, "notes": [f"HF static batch {n_hf} examples (mean padded "
+                                     f"{np.mean([b['n_slots'] for b in hf_b]):.0f} slots); ours "
+                                     f"{args.budget // seq_len} x {seq_len} packed rows"]}
+    res["ours"] = run_ours(args, device, margs, state["sd_1b"], ours_b, state)
+    if "error" not in res["ours"]:
+        mean_doc = float(np.mean(docs.lengths))
+        r = res["ours"]
+        mfu_doc = M.flops_per_token(margs, mean_doc) * r["real"] / r["secs"] / PEAK_FLOPS
+        res["notes"].append(f"ours MFU with attention at the mean document length ({mean_doc:.0f}): {mfu_doc:.1%}")
+    res["hf"] = run_hf(args, device, margs, state["sd_1b"], hf_b,
+                       check=lambda m: hf_loss_on_docs(m, docs, ours_b[0]["doc_idx"], device))
+    return res
+
+
+def case_same(args, device, margs, sd, batch_size, seq_len, state):
+    tokens, hf_labels, labels = common.sft_batch(batch_size, seq_len, margs.vocab_size, seed=0)
+    n_sup = int((labels != -100).sum())
+    meta = dict(n_sup=n_sup, n_real=tokens.numel(), n_slots=tokens.numel(), seq_len=seq_len)
+    ours_b = [dict(tokens=tokens.to(device), labels=labels.to(device), positions=None, doc_ids=None, **meta)]
+    hf_b = [dict(input_ids=tokens.to(device), labels=hf_labels.to(device), **meta)]
+    res = {"margs": margs, "notes": [f"same batch {batch_size} x {seq_len} for both, {n_sup} supervised tokens"]}
+    res["ours"] = run_ours(args, device, margs, sd, ours_b, state)
+    res["hf"] = run_hf(args, device, margs, sd, hf_b, check=None)
+    return res
+
+
+def run_ours(args, device, margs, sd, batches, state):
+    """Ours as train.py runs it (FSDP2 bf16, flex_attention for packed rows). If that fails, fall back to bf16
+    autocast, then to SDPA with a dense document mask instead of flex, and keep the first that works (said in the
+    output), so that one failure does not cost every case."""
+    import model as M
+    chain = [("fsdp", None), ("autocast", None), ("autocast", False)]
+    chain = chain[chain.index(state["ours_mode"]):]
+    errors = []
+    for mode, flex in chain:
+        if errors and left(args) < 40:
+            break
+        model = opt = None
+        try:
+            M.USE_FLEX = flex
+            torch._dynamo.reset()  # static shapes per case, as a train.py run has (no automatic-dynamic recompile)
+            model, opt = build_ours(margs, sd, device, mode, compile_blocks=not args.no_compile)
+            use_ac = mode == "autocast"  # FSDP2 casts to bf16 itself
+            r = run_side(lambda b: ours_step(model, opt, b, device, use_ac), batches, args, device)
+            r["mode"] = mode + ("" if flex is None else ", no flex")
+            log(f"   ours done ({time.time() - _T0:.0f} s elapsed)")
+            if (mode, flex) != state["ours_mode"]:
+                log(f"   ours: NOTE falling back to {r['mode']} for this and later cases")
+                state["ours_mode"] = (mode, flex)
+            return r
+        except Exception as e:
+            errors.append(f"{mode}{'' if flex is None else ', no flex'}: {type(e).__name__}: {e}")
+            log(f"   ours ({errors[-1]})\n" + traceback.format_exc(limit=-4))
+        finally:
+            del model, opt
+            free(device)
+    return {"error": "; ".join(errors)}
+
+
+def run_hf(args, device, margs, sd, batches, check):
+    model = opt = None
+    try:
+        model, opt = build_hf(margs, sd, device)
+        check_loss = check(model) if check else None  # before any update: same weights as ours' step 0
+        r = run_side(lambda b: hf_step(model, opt, b, device), batches, args, device)
+        log(f"   hf done ({time.time() - _T0:.0f} s elapsed)")
+        r["check_loss"] = check_loss if check else r["loss0"]
+        return r
+    except Exception as e:
+        log(f"   hf failed: {type(e).__name__}: {e}\n" + traceback.format_exc(limit=-4))
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        del model, opt
+        free(device)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cases", default="packed4096,packed2048,llama_cpu,qwen3_cpu,same4096,generate")
+    p.add_argument("--time-budget", type=float, default=330.0,
+                   help="seconds from start; a case that would not fit is skipped (the table still prints)")
+    p.add_argument("--budget", type=int, default=8192, help="token slots per step (packed cases), both sides")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side (the first, compile, is reported)")
+    p.add_argument("--n-batches", type=int, default=6, help="distinct batches cycled through per side")
+    p.add_argument("--docs", type=int, default=2000, help="synthetic GSM8K-like documents to pack / pad")
+    p.add_argument("--no-compile", action="store_true", help="ours without per-block torch.compile")
+    p.add_argument("--ours-mode", choices=["fsdp", "autocast"], default="fsdp")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU to test the script without a GPU")
+    args = p.parse_args()
+
+    import model as M
+    import transformers
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}, "
+        f"device {name}" + (f", {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB" if device.type == "cuda" else ""))
+    if device.type != "cuda" and not args.smoke:
+        log("no CUDA device: run with --smoke to test the script on CPU")
+        return
+    if args.smoke:  # tiny everything: the point is running every code path
+        args.budget, args.steps, args.warmup, args.n_batches, args.docs = 1024, 2, 2, 2, 200
+    # Same rate for fp32 matmuls (HF keeps fp32 master weights under autocast; some ops stay fp32).
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    state = {"ours_mode": (args.ours_mode, None)}
+    margs_1b = M.get_preset("tiny_llama" if args.smoke else "llama3_2_1b")
+    if args.smoke:
+        margs_1b.vocab_size = 2048
+    cases = args.cases.split(",")
+    # Rough cost of each case in seconds on an H100 (compile included), to skip what cannot finish in time.
+    cost = {"packed4096": 100, "packed2048": 90, "llama_cpu": 45, "qwen3_cpu": 45, "same4096": 80, "generate": 40}
+    results = []
+    for case in cases:
+        if case not in cost:
+            log(f"unknown case {case!r} (valid: {', '.join(cost)})")
+            continue
+        if left(args) < (5 if args.smoke else cost[case]):
+            log(f"-- {case}: skipped ({left(args):.0f} s left of --time-budget {args.time_budget:.0f})")
+            results.append((case, {"skipped": True}))
+            continue
+        log(f"-- {case} ({time.time() - _T0:.0f} s elapsed)")
+        t_case = time.time()
+        try:
+            if case == "generate":
+                run_generate(args, device)
+                continue
+            if case.startswith(("packed", "same")) and "sd_1b" not in state:
+                state["margs_1b"] = margs_1b
+                state["sd_1b"] = init_state_dict(margs_1b, device)
+            if case == "packed4096":
+                res = case_packed(args, device, 512 if args.smoke else 4096, state)
+            elif case == "packed2048":
+                res = case_packed(args, device, 256 if args.smoke else 2048, state)
+            elif case == "same4096":
+                res = case_same(args, device, margs_1b, state["sd_1b"], 2, 256 if args.smoke else 4096, state)
+            else:
+                shape = case.removesuffix("_cpu")
+                margs = common.model_args(shape)
+                if args.smoke:
+                    margs.n_layers, margs.vocab_size = 1, 4096
+                sd = init_state_dict(margs, device)
+                res = case_same(args, device, margs, sd, 2 if args.smoke else 8, 128 if args.smoke else 512, state)
+                del sd
+            results.append((case, res))
+            summarize(case, res)
+        except Exception as e:
+            log(f"   {case} failed: {type(e).__name__}: {e}\n" + traceback.format_exc(limit=-6))
+            results.append((case, {"error": f"{type(e).__name__}: {e}"}))
+        finally:
+            free(device)
+            log(f"   ({time.time() - t_case:.0f} s)")
+            table(results, name, final=False)  # $OUT/gpu_bench.txt stays current if the run is cut short
+    table(results, name)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def summarize(case, res):
+    for side in ("ours", "hf"):
+        r = res.get(side, {})
+        if "error" in r:
+            log(f"   {side}: ERROR {r['error']}")
+        else:
+            log(f"   {side}{' (' + r['mode'] + ')' if 'mode' in r else ''}: {r['sup'] / r['secs']:,.0f} trained tok/s, "
+                f"{r['real'] / r['secs']:,.0f} real tok/s, {r['slots'] / r['secs']:,.0f} slots/s, "
+                f"{r['secs'] / r['steps'] * 1e3:.0f} ms/step, first step{' (compile)' if side == 'ours' else ''} "
+                f"{r['first_s']:.1f} s, "
+                f"peak {r['peak_gb']:.1f} GB, loss step 0 {r['loss0']:.4f}")
+    o, h = res.get("ours", {}), res.get("hf", {})
+    if "loss0" in o and "check_loss" in h:
+        d = abs(o["loss0"] - h["check_loss"]) / abs(h["check_loss"])
+        log(f"   loss check (same weights, same supervised tokens): ours {o['loss0']:.4f} vs HF {h['check_loss']:.4f}, "
+            f"rel diff {d:.1e} {'OK' if d < 2e-2 else 'MISMATCH'} (bf16)")
+    for n in res.get("notes", []):
+        log(f"   {n}")
+
+
+def table(results, device_name, final=True):
+    import model as M
+    rows = []
+    for case, res in results:
+        if res.get("skipped") or "error" in res:
+            rows.append([case, "skipped" if res.get("skipped") else "error"] + ["-"] * 6)
+            continue
+        cells = {}
+        for side in ("ours", "hf"):
+            r = res[side]
+            if "error" in r:
+                cells[side] = ("error", "-", "-", None)
+                continue
+            tps = r["sup"] / r["secs"]
+            mfu = M.flops_per_token(res["margs"], r["seq_len"]) * r["real"] / r["secs"] / PEAK_FLOPS
+            cells[side] = (f"{tps:,.0f}", f"{mfu:.1%}", f"{r['peak_gb']:.1f}", tps)
+        ratio = f"{cells['ours'][3] / cells['hf'][3]:.2f}x" if cells["ours"][3] and cells["hf"][3] else "-"
+        rows.append([case, cells["ours"][0], cells["hf"][0], ratio, cells["ours"][1], cells["hf"][1],
+                     cells["ours"][2], cells["hf"][2]])
+    text = (f"\n== bench/gpu.py on {device_name}: trained (supervised) tokens/s, bf16, {time.time() - _T0:.0f} s total\n"
+            + common.fmt_table(["case", "ours tok/s", "HF tok/s", "ratio", "ours MFU", "HF MFU", "ours peak GB",
+                                "HF peak GB"], rows))
+    if final:
+        log(text)
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "gpu_bench.txt"), "w") as f:
+            f.write("\n".join(REPORT) + ("\n" if final else "\n(partial)" + text + "\n"))
+        if final:
+            print(f"(written to {os.path.join(out, 'gpu_bench.txt')})")
+
+
+def run_generate(args, device):
+    """bench/generate.py's GPU mode in a subprocess, bounded by the time left."""
+    if args.smoke:
+        cmd = [sys.executable, os.path.join(_HERE, "generate.py"), "--dim", "64", "--n-layers", "1",
+               "--vocab", "512", "--new-tokens", "4", "--batch-sizes", "1"]
+    else:
+        cmd = [sys.executable, os.path.join(_HERE, "generate.py"), "--device", "cuda", "--dtype", "bfloat16"]
+    timeout = max(5.0, left(args) - 5)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        text = (out.stdout + out.stderr).strip().splitlines()
+        for line in text[-15:]:
+            log(f"   {line}")
+        if out.returncode:
+            log(f"   generate.py exited with {out.returncode}")
+    except subprocess.TimeoutExpired:
+        log(f"   generate.py: killed after {timeout:.0f} s (time budget)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""One training step, same architecture and same batch: OUR model (chunked CE loss, optional per-block
+torch.compile) against transformers' LlamaForCausalLM / Qwen3ForCausalLM (attn_implementation="sdpa", its default
+loss), both fp32 with grad-norm clipping at 1.0, on CPU; each side's optimizer is its default AdamW (train.py's:
+foreach on CPU; Trainer's: fused).
+
+    python bench/train_step.py                          # Llama (vocab 128,256) and Qwen3 (151,936) shapes, ~1 min each
+    python bench/train_step.py --models llama --batch-size 8 --seq-len 512 --compile both
+
+Each side runs in its own child process (spawned), so each one's peak RSS is its own; the parent alternates
+timed rounds between the children (ours k steps, HF k steps, ours k steps, ...) so that drift in machine load
+hits both alike. Both children load the same weights (the parent saves a random init with model.save_hf; ours
+reads it with model.load_hf, HF with from_pretrained) and train on the same batch, so the loss of the first step
+must agree: that is printed as the correctness check.
+
+Tokens/s counts every token of the (B,T) batch. The label mask is an SFT one: each row is a multi-turn
+conversation whose assistant spans (--supervised, default 60% of tokens) are supervised. HF gets unshifted labels
+(it shifts internally), ours the shifted ones, so both supervise exactly the same tokens.
+Peak RSS "train" is the high-water mark from just before the first step (model and optimizer built, Linux
+/proc/self/clear_refs) to the end; "process" also includes loading.
+"""
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# bench/ holds tokenize.py and data.py: first on sys.path (as `python bench/x.py` puts it) they would shadow the
+# standard library's tokenize (which torch imports) and the repository's data.py. Use the repository root instead.
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from bench import common
+
+
+# ---------------------------------------------------------------------------------------------- the two sides
+def setup_ours(spec):
+    """Runs in a worker process: our model from the saved HF dir, optimizer, batch -> (step, info)."""
+    import model as M
+    model = M.load_hf(spec["hf_dir"], dtype=torch.float32, device="cpu")
+    model.train()
+    if spec["compile"]:
+        # Per-block, in place (what train.py does): the blocks are the repeated unit, compiled once and reused.
+        for layer in model.layers:
+            layer.compile()
+    opt = common.ours_optimizer(model, "cpu", fused=spec["ours_fused"])
+    tokens, _, labels = common.sft_batch(spec["batch_size"], spec["seq_len"], model.args.vocab_size,
+                                         seed=spec["seed"], supervised=spec["supervised"])
+    n_sup = int((labels != -100).sum())
+
+    def step():
+        # model(tokens, labels) is the SUM of token CE; divide by the supervised-token count as train.py does.
+        loss = model(tokens, labels=labels) / n_sup
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.item()}
+
+    return step, {"n_sup": n_sup}
+
+
+def setup_hf(spec):
+    """Runs in a worker process: transformers' model from the same HF dir, same optimizer, same batch."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    opt = common.hf_optimizer(model)
+    tokens, hf_labels, _ = common.sft_batch(spec["batch_size"], spec["seq_len"], model.config.vocab_size,
+                                            seed=spec["seed"], supervised=spec["supervised"])
+    n_sup = int((hf_labels[:, 1:] != -100).sum())
+
+    def step():
+        loss = model(input_ids=tokens, labels=hf_labels).loss  # HF shifts labels and takes the mean itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.item()}
+
+    return step, {"n_sup": n_sup}
+
+
+# ---------------------------------------------------------------------------------------------- one model shape
+def bench_shape(shape, args):
+    import model as M
+    margs = common.model_args(shape)
+    T = args.seq_len
+    with tempfile.TemporaryDirectory() as hf_dir:
+        torch.manual_seed(0)
+        m = M.Transformer(margs)
+        m.init_weights()
+        M.save_hf(m, margs, hf_dir)
+        del m
+        spec = dict(hf_dir=hf_dir, batch_size=args.batch_size, seq_len=T, seed=args.seed, supervised=args.supervised,
+                    threads=args.threads, compile=False, ours_fused=ours_fused(args))
+        variants = {"off": [("ours", False)], "blocks": [("ours+compile", True)],
+                    "both": [("ours", False), ("ours+compile", True)]}[args.compile]
+        sides = []
+        try:
+            # Workers start one at a time so that loading one does not slow the other's first step.
+            for name, comp in variants:
+                sides.append(common.Worker(name, setup_ours, {**spec, "compile": comp}))
+            sides.append(common.Worker("hf", setup_hf, spec))
+            n_sup = {s.name: s.info["n_sup"] for s in sides}
+            assert len(set(n_sup.values())) == 1, f"sides supervise different token counts: {n_sup}"
+            # Warmup: the first step (compile, lazy optimizer state, allocator) is timed and reported separately.
+            for s in sides:
+                (s.first_step_s, first), = s.steps(1)
+                s.loss0 = first["loss"]
+                if args.warmup > 1:
+                    s.steps(args.warmup - 1)
+            for _ in range(args.rounds):
+                for s in sides:
+                    s.records += s.steps(args.steps)
+            mem = {s.name: s.mem() for s in sides}
+            if not all(s.info["reset_ok"] for s in sides):
+                print("note: could not reset the peak RSS (/proc/self/clear_refs): 'train' includes loading")
+        finally:
+            for s in sides:
+                s.close()
+
+    ntok = args.batch_size * T
+    hf = sides[-1]
+    rows = []
+    for s in sides:
+        sec = common.median([t for t, _ in s.records])
+        rows.append([s.name, f"{ntok / sec:,.0f}", f"{sec:.2f}", f"{s.first_step_s:.1f}", f"{s.loss0:.5f}",
+                     f"{mem[s.name]['train']:.2f}", f"{mem[s.name]['process']:.2f}"])
+    print(f"\n== {shape}: {M.num_params(margs) / 1e6:.1f}M params, vocab {margs.vocab_size:,}, "
+          f"tied={margs.tie_embeddings}, batch {args.batch_size}x{T}, {n_sup['hf']} supervised tokens "
+          f"({n_sup['hf'] / ntok:.0%}), {len(hf.records)} timed steps per side")
+    print(common.fmt_table(["side", "tok/s", "s/step(med)", "1st step s", "loss step0", "peak RSS train GB",
+                            "peak RSS process GB"], rows))
+    hf_sec = common.median([t for t, _ in hf.records])
+    result = {"shape": shape}
+    for s in sides[:-1]:
+        sec = common.median([t for t, _ in s.records])
+        diff = abs(s.loss0 - hf.loss0) / abs(hf.loss0)
+        speed, memr = hf_sec / sec, mem[s.name]["train"] / mem["hf"]["train"]
+        print(f"{s.name} / hf: throughput {speed:.2f}x (goal >= 1.15: {'met' if speed >= 1.15 else 'MISSED'}), "
+              f"peak RSS train {memr:.2f}x (goal <= 0.6: {'met' if memr <= 0.6 else 'MISSED'}; process "
+              f"{mem[s.name]['process'] / mem['hf']['process']:.2f}x); step-0 loss rel diff {diff:.1e} "
+              f"{'OK' if diff < 1e-4 else 'MISMATCH'}")
+        result[s.name] = dict(speedup=hf_sec / sec, mem_ratio=mem[s.name]["train"] / mem["hf"]["train"],
+                              loss_diff=diff)
+    return result
+
+
+def ours_fused(args):
+    return {"train.py": common.trainpy_fused_on_cpu(), "fused": True, "foreach": False}[args.ours_adamw]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="llama,qwen3", help="comma-separated keys of bench/common.py CPU_SHAPES")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--supervised", type=float, default=0.6, help="fraction of supervised tokens (assistant spans)")
+    p.add_argument("--compile", choices=["off", "blocks", "both"], default="blocks",
+                   help="ours: eager, per-block torch.compile, or both side by side")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side (the first is reported)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
+    p.add_argument("--steps", type=int, default=2, help="steps per side per round")
+    p.add_argument("--ours-adamw", choices=["train.py", "fused", "foreach"], default="train.py",
+                   help="ours: AdamW as train.py builds it on CPU (default), or force fused / foreach")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    print(common.env_line())
+    print(f"batch {args.batch_size}x{args.seq_len}, fp32, clip 1.0; AdamW: ours {'fused' if ours_fused(args) else 'foreach'} "
+          f"(--ours-adamw {args.ours_adamw}), HF fused (Trainer default); ours compile={args.compile}; HF sdpa")
+    for shape in args.models.split(","):
+        bench_shape(shape, args)
+    print(common.env_line())
+
+
+if __name__ == "__main__":
+    main()
