@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 # None: flex_attention for packed rows on CUDA, SDPA + boolean mask elsewhere. True/False force it (tests run
 # the flex path on CPU, where its forward works in eager mode but its backward does not exist).
@@ -369,9 +368,8 @@ class Transformer(nn.Module):
 
     def _chunked_ce(self, h, labels):
         """SUM of token cross-entropies over labels != -100 without (B*T, vocab) logits: only supervised rows go
-        through the head, CE_CHUNK rows at a time, each chunk checkpointed so its fp32 logits are recomputed in
-        backward instead of kept (TRL chunked_nll). The head weight is read here, inside the root forward, so FSDP2
-        unshards it once for all chunks."""
+        through the head, CE_CHUNK rows at a time (TRL chunked_nll, Liger's fused linear cross-entropy). The head
+        weight is read here, inside the root forward, so FSDP2 unshards it once for all chunks."""
         keep = labels != -100
         hs, ys = h[keep], labels[keep].long()  # (N, dim), (N,)
         w = self.output.weight
@@ -379,14 +377,41 @@ class Transformer(nn.Module):
             # Nothing supervised on this rank: a zero that still reaches every parameter, so backward (and FSDP's
             # gradient reduce-scatter) runs the same on every rank.
             return (h.sum() + w.sum()).float() * 0.0
-        loss = torch.zeros((), device=h.device, dtype=torch.float32)
-        for i in range(0, hs.size(0), CE_CHUNK):
-            loss = loss + checkpoint(_ce_sum, hs[i:i + CE_CHUNK], w, ys[i:i + CE_CHUNK], use_reentrant=False)
-        return loss
+        if torch.is_grad_enabled() and (hs.requires_grad or w.requires_grad):
+            return _FusedLinearCE.apply(hs, w, ys, CE_CHUNK)
+        return sum(_ce_sum(hs[i:i + CE_CHUNK], w, ys[i:i + CE_CHUNK]) for i in range(0, hs.size(0), CE_CHUNK))
 
 
 def _ce_sum(h, w, y):
     return F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """SUM cross-entropy of h @ w.T with the gradients computed chunk by chunk during forward: each chunk's fp32
+    logits live only inside its loop iteration and are never recomputed (a checkpointed chunk would run the head
+    matmul and softmax twice; the head is most of an SFT step at a 128k-152k vocabulary). 3 matmuls per chunk."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk):
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w)  # accumulated in w.dtype, as autograd would
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, yc = h[i:i + chunk], y[i:i + chunk]
+            logits = (hc @ w.t()).float()  # (C, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            p[torch.arange(len(yc), device=p.device), yc] -= 1.0  # d(sum CE) / d(logits) = softmax - onehot
+            g = p.to(h.dtype)
+            grad_h[i:i + chunk] = g @ w
+            grad_w.addmm_(g.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
 
 
 def num_params(args: ModelArgs, exclude_embeddings: bool = False) -> int:

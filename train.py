@@ -563,7 +563,7 @@ def train(cfg: Config) -> dict:
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optimizer.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
-                                  fused=device.type == "cuda")
+                                  fused=True)  # fused on CPU too (torch >= 2.4): 6x faster than foreach there
     step = 0
     ckpts = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
     if ckpts:

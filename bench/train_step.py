@@ -1,7 +1,7 @@
 """One training step, same architecture and same batch: OUR model (chunked CE loss, optional per-block
 torch.compile) against transformers' LlamaForCausalLM / Qwen3ForCausalLM (attn_implementation="sdpa", its default
-loss), both fp32 with grad-norm clipping at 1.0, on CPU; each side's optimizer is its default AdamW (train.py's:
-foreach on CPU; Trainer's: fused).
+loss), both fp32 with grad-norm clipping at 1.0, on CPU; each side's optimizer is its default AdamW (fused for both:
+train.py's and Trainer's).
 
     python bench/train_step.py                          # Llama (vocab 128,256) and Qwen3 (151,936) shapes, ~1 min each
     python bench/train_step.py --models llama --batch-size 8 --seq-len 512 --compile both
