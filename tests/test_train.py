@@ -324,3 +324,14 @@ def test_vocab_check_is_on_the_ids_the_model_sees(tiny_data, tmp_path, llama3_to
     cfg = tiny_cfg(tiny_data, tmp_path / "bad", tokenizer={"path": str(qwen3_tokenizer_dir)})
     with pytest.raises(ValueError, match="does not fit the model's vocab_size=512"):
         train_in_process(cfg, tmp_path, "bad.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load_and_validate(name, gsm8k_dir):
+    """Every config in configs/ parses with no unknown key or wrong type (the GSM8K ones with the data path given)."""
+    overrides = [] if name == "demo.yaml" else [f"dataset.path={gsm8k_dir}"]
+    cfg = train.load_config([str(ROOT / "configs" / name), *overrides])
+    assert cfg.regime.num_steps > 0 and (cfg.model.name or cfg.model.path)
+    if name != "demo.yaml":
+        assert (cfg.dataset.src_field, cfg.dataset.tgt_field) == ("question", "answer")
+        assert cfg.dataset.packing and cfg.trainer.compile
