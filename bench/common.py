@@ -177,6 +177,29 @@ def hf_optimizer(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
 
 
+def backward_and_step(model, opt, loss) -> float:
+    """backward, clip the grad norm at 1.0, AdamW step, zero the grads; returns the loss value. Both sides read the
+    loss and the grad norm every step, as train.py (its non-finite check) and Trainer's logging do."""
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if hasattr(gn, "full_tensor"):  # DTensor under FSDP2
+        gn = gn.full_tensor()
+    loss_val, _ = loss.item(), gn.item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_val
+
+
+def add_timing_args(p):
+    """The command-line options train_step.py and sft_e2e.py share."""
+    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
+    p.add_argument("--steps", type=int, default=2, help="steps per side per round")
+    p.add_argument("--ours-adamw", choices=["train.py", "fused", "foreach"], default="train.py",
+                   help="ours: AdamW as train.py builds it (default), or force fused / foreach")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0)
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

@@ -168,25 +168,13 @@ def autocast(device, on=True):
 def ours_step(model, opt, b, device, use_autocast):
     with autocast(device, use_autocast):
         loss = model(b["tokens"], b["positions"], b["doc_ids"], b["labels"]) / max(b["n_sup"], 1)
-    loss.backward()
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if hasattr(gn, "full_tensor"):  # DTensor under FSDP2
-        gn = gn.full_tensor()
-    loss_val, _ = loss.item(), gn.item()  # train.py reads both every step (non-finite check)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss_val
+    return common.backward_and_step(model, opt, loss)
 
 
 def hf_step(model, opt, b, device):
     with autocast(device):  # Trainer(bf16=True): autocast around the forward (and the loss inside it)
         loss = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), labels=b["labels"]).loss
-    loss.backward()
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    loss_val, _ = loss.item(), gn.item()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss_val
+    return common.backward_and_step(model, opt, loss)
 
 
 def run_side(step, batches, args, device):

@@ -65,11 +65,8 @@ def setup_ours(spec):
         b = next(it)
         # as train.py: SUM of token CE / supervised tokens of the step
         loss = model(b.tokens, b.positions, b.doc_ids, b.labels) / max(b.num_label_tokens, 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "sup": b.num_label_tokens, "real": b.num_tokens, "slots": b.tokens.numel()}
+        loss_val = common.backward_and_step(model, opt, loss)
+        return {"loss": loss_val, "sup": b.num_label_tokens, "real": b.num_tokens, "slots": b.tokens.numel()}
 
     return step, {"batches_per_epoch": loader.batches_per_epoch}
 
@@ -97,11 +94,8 @@ def setup_hf(spec):
     def step():
         input_ids, attention_mask, labels = common.hf_collate([examples[i] for i in next_indices()], pad_id)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "sup": int((labels[:, 1:] != -100).sum()), "real": int(attention_mask.sum()),
+        loss_val = common.backward_and_step(model, opt, loss)
+        return {"loss": loss_val, "sup": int((labels[:, 1:] != -100).sum()), "real": int(attention_mask.sum()),
                 "slots": input_ids.numel()}
 
     return step, {"n_examples": len(examples)}
@@ -121,12 +115,7 @@ def main():
                         "is dense (SDPA over the whole row), so shorter rows cost less attention per token")
     p.add_argument("--compile", choices=["off", "blocks"], default="blocks", help="ours: per-block torch.compile (faster on CPU too)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
-    p.add_argument("--steps", type=int, default=2, help="steps per side per round")
-    p.add_argument("--ours-adamw", choices=["train.py", "fused", "foreach"], default="train.py",
-                   help="ours: AdamW as train.py builds it on CPU (default), or force fused / foreach")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--seed", type=int, default=0)
+    common.add_timing_args(p)
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.data, "train.jsonl")):
         raise FileNotFoundError(f"{args.data}/train.jsonl not found: pass --data DIR (GSM8K, fields question/answer)")

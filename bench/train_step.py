@@ -53,11 +53,8 @@ def setup_ours(spec):
     def step():
         # model(tokens, labels) is the SUM of token CE; divide by the supervised-token count as train.py does.
         loss = model(tokens, labels=labels) / n_sup
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item()}
+        loss_val = common.backward_and_step(model, opt, loss)
+        return {"loss": loss_val}
 
     return step, {"n_sup": n_sup}
 
@@ -74,11 +71,8 @@ def setup_hf(spec):
 
     def step():
         loss = model(input_ids=tokens, labels=hf_labels).loss  # HF shifts labels and takes the mean itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item()}
+        loss_val = common.backward_and_step(model, opt, loss)
+        return {"loss": loss_val}
 
     return step, {"n_sup": n_sup}
 
@@ -162,12 +156,7 @@ def main():
     p.add_argument("--compile", choices=["off", "blocks", "both"], default="blocks",
                    help="ours: eager, per-block torch.compile, or both side by side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side (the first is reported)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
-    p.add_argument("--steps", type=int, default=2, help="steps per side per round")
-    p.add_argument("--ours-adamw", choices=["train.py", "fused", "foreach"], default="train.py",
-                   help="ours: AdamW as train.py builds it on CPU (default), or force fused / foreach")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--seed", type=int, default=0)
+    common.add_timing_args(p)
     args = p.parse_args()
     print(common.env_line())
     print(f"batch {args.batch_size}x{args.seq_len}, fp32, clip 1.0; AdamW: ours {'fused' if ours_fused(args) else 'foreach'} "
