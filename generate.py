@@ -118,8 +118,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, tem
             keep, rows = [0], [None] * len(rows)
         if len(keep) < len(rows):  # drop finished sequences so they stop costing compute
             idx = torch.tensor(keep, device=device)
-            # KVCache has no row selection: its per-layer tensors are (B, n_kv_heads, max_len, head_dim)
-            cache.k, cache.v = [k[idx] for k in cache.k], [v[idx] for v in cache.v]
+            cache.select(idx)
             rows, next_ids, pos = [rows[j] for j in keep], next_ids[idx], [pos[j] for j in keep]
         # min() only ever moves a dummy row (its output is ignored): real rows stay below cache_len
         positions = torch.tensor([[min(p, cache_len - 1)] for p in pos], device=device)  # (b, 1)

@@ -213,6 +213,10 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
 
+    def select(self, rows: torch.Tensor):
+        """Keep only these batch rows (generation drops finished sequences so they stop costing compute)."""
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+
     def update(self, layer: int, positions, k, v):
         # positions (B,T); k, v (B,KV,T,D) -> the whole cache of this layer, (B,KV,max_len,D)
         idx = positions.long()[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
