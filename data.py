@@ -235,10 +235,14 @@ def encode_example(obj: dict, cfg: DatasetConfig, tokenizer, where: str) -> tupl
     if cfg.chat_mode:
         return _render(tokenizer, [{"role": "user", "content": src}, {"role": "assistant", "content": tgt}],
                        train_on, where)
-    s_mode, t_mode = cfg.source_encode_mode, cfg.target_encode_mode
-    s = tokenizer.encode(src, bos=s_mode == "prompt", eos=s_mode == "prompt_response")
-    t = tokenizer.encode(tgt, bos=t_mode == "prompt", eos=t_mode == "prompt_response")
+    s, t = encode_text(tokenizer, src, cfg.source_encode_mode), encode_text(tokenizer, tgt, cfg.target_encode_mode)
     return s + t, [int(cfg.train_on_prompt)] * len(s) + [1] * len(t)
+
+
+def encode_text(tokenizer, text: str, mode: str) -> list[int]:
+    """A src or tgt field as source_encode_mode / target_encode_mode say: prompt = bos + text, prompt_response =
+    text + eos, as_is = text. generate.build_prompt encodes evaluation prompts with it, so they match training."""
+    return tokenizer.encode(text, bos=mode == "prompt", eos=mode == "prompt_response")
 
 
 def truncate_example(ids, mask, max_ids):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import data
 import model as model_lib
 import tokenizer as tokenizer_lib
 
@@ -96,9 +97,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, tem
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p)
     positions = torch.arange(T, device=device).expand(B, T)
-    logits = model(tokens.to(device), positions, cache=cache)  # (B, T, V)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    logits = logits[torch.arange(B, device=device), last]  # (B, V): each prompt's last real token
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)  # each prompt's last real token
+    logits = model(tokens.to(device), positions, cache=cache, logits_at=last)  # (B, V)
 
     completions = [[] for _ in prompts]
     rows = list(range(B))  # rows[j]: the prompt whose sequence is in batch row j
@@ -190,19 +190,20 @@ def load_jsonl(path) -> list[dict]:
     return rows
 
 
-def build_prompt(tokenizer, question: str, chat: bool, system: str | None = None) -> list[int]:
+def build_prompt(tokenizer, question: str, chat: bool, system: str | None = None,
+                 source_encode_mode: str = "prompt") -> list[int]:
     """The token ids a model is trained to answer: the chat rendering with the assistant header (--chat), or
-    data.py's src encoding (source_encode_mode 'prompt': bos + text)."""
+    data.py's src encoding (dataset.source_encode_mode; 'prompt' = bos + text, the default)."""
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
         return tokenizer.render_chat(messages, add_generation_prompt=True)[0]
     if system:
         raise ValueError("--system needs --chat (a plain prompt has no system turn)")
-    return tokenizer.encode(question, bos=tokenizer.bos_id is not None)
+    return data.encode_text(tokenizer, question, source_encode_mode)
 
 
 def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_size=16, max_new_tokens=256,
-                   limit=None, system=None) -> dict:
+                   limit=None, system=None, source_encode_mode="prompt") -> dict:
     """Greedy exact-match accuracy on GSM8K-format examples ({"question", "answer"} or {"src", "tgt"}).
     With torch.distributed initialized (FSDP-sharded model or not), call it on EVERY rank with the same examples:
     rank r decodes batches r, r+W, ... (a rank short of a batch decodes a filler), all ranks make the same number
@@ -212,7 +213,7 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_siz
     if not examples:
         raise ValueError("evaluate_gsm8k got no examples")
     questions, golds = zip(*(question_and_gold(ex) for ex in examples))
-    prompts = [build_prompt(tokenizer, q, chat, system) for q in questions]
+    prompts = [build_prompt(tokenizer, q, chat, system, source_encode_mode) for q in questions]
     # batch prompts of similar length together: less padding in the prefill
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

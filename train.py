@@ -290,6 +290,15 @@ def load_tokenizer(path: str, chat_format: str):
                                         chat_format or None)
 
 
+def checkpoint_dtype(model_dir: Path, default: torch.dtype) -> torch.dtype:
+    """The precision the HF checkpoint is stored in (config.json dtype / torch_dtype): rank 0 reads it at that
+    precision, so bf16 files cost half the host memory and fp32 files reach the fp32 master weights unrounded."""
+    cfg_file = model_dir / "config.json"
+    hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}  # a Meta checkpoint has none
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float32}.get(name, default)
+
+
 def get_lr(step: int, cfg: Config) -> float:
     """Linear warmup to optimizer.lr, then cosine / linear decay to lr * final_lr_scale at num_steps (or constant)."""
     s, base = cfg.lr_scheduler, cfg.optimizer.lr
@@ -511,7 +520,7 @@ def train(cfg: Config) -> dict:
     model_dir = resolve_path(cfg.model.path, "model.path") if cfg.model.path else None
     full = None
     if is_master and model_dir:
-        full = model_lib.load_hf(model_dir, dtype=dtype)  # the weights' own precision (bf16) on GPU
+        full = model_lib.load_hf(model_dir, dtype=checkpoint_dtype(model_dir, dtype))
     elif is_master:
         torch.manual_seed(cfg.trainer.seed)
         full = model_lib.Transformer(model_lib.get_preset(cfg.model.name))
@@ -522,8 +531,7 @@ def train(cfg: Config) -> dict:
     args = box[0]
     # What must fit the embedding table is every id the model will see, not the tokenizer's whole list: Llama 3.2's
     # tokenizer files add <|image|> = 128256 to a 128,256-row model, and neither text nor chat rendering emits it.
-    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    max_id = max([pad_id] + [int(ld.data.tokens.max()) for ld in (train_loader, val_loader) if ld is not None])
+    max_id = max([train_loader.pad_id] + [int(ld.data.tokens.max()) for ld in (train_loader, val_loader) if ld])
     if max_id >= args.vocab_size:
         raise ValueError(f"token id {max_id} (data or pad) does not fit the model's vocab_size={args.vocab_size}: "
                          f"the tokenizer ({tok.vocab_size} ids) does not belong to this model")
@@ -604,7 +612,8 @@ def train(cfg: Config) -> dict:
         with torch.compiler.set_stance("force_eager"):  # generation shapes vary every step: no recompiles
             res = generate.evaluate_gsm8k(model, tok, eval_examples, chat=cfg.dataset.chat_mode,
                                           batch_size=cfg.evaluation.batch_size,
-                                          max_new_tokens=cfg.evaluation.max_new_tokens)
+                                          max_new_tokens=cfg.evaluation.max_new_tokens,
+                                          source_encode_mode=cfg.dataset.source_encode_mode)
         print0(f"step {step}: gsm8k accuracy {res['accuracy']:.1%} ({res['correct']}/{res['total']})")
         publish({"step": step, "eval_accuracy": res["accuracy"]})
         return res
@@ -654,13 +663,15 @@ def train(cfg: Config) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        loss_val, grad_norm = all_reduce_sum(loss_sum).item(), grad_norm.item()  # one sync: needed for the check
+        # The step's one host sync: the non-finite check needs loss and grad norm, the log needs the token counts.
+        loss_val, grad_norm, *n = torch.cat([all_reduce_sum(loss_sum).double()[None], grad_norm.double()[None],
+                                             counts]).tolist()  # n = [supervised, real, padded] tokens
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
             if not cfg.trainer.skip_nonfinite:
                 raise RuntimeError(f"non-finite loss {loss_val} / grad norm {grad_norm} at step {step + 1}: stopping "
                                    f"(last checkpoint kept; set trainer.skip_nonfinite=true to skip such steps)")
             print0(f"step {step + 1}: non-finite loss {loss_val} / grad norm {grad_norm}: step skipped")
-        elif counts[0] > 0:
+        elif n[0] > 0:
             optimizer.step()
         else:
             print0(f"step {step + 1}: no supervised token in the global batch: no update")
@@ -669,7 +680,7 @@ def train(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
         train_time += dt
 
-        for k, v in zip(("labels", "tokens", "padded"), counts.tolist()):
+        for k, v in zip(("labels", "tokens", "padded"), n):
             window[k] += v
         window["steps"] += 1
         window["time"] += dt
@@ -717,6 +728,8 @@ def main(argv: list[str]):
         raise SystemExit(f"config error: {e}") from None
     try:
         train(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input (data, paths, sizes): one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -40,8 +40,8 @@ class Recorder(torch.nn.Module):
         super().__init__()
         self.model, self.args, self.calls = model, model.args, []
 
-    def forward(self, tokens, positions=None, cache=None):
-        logits = self.model(tokens, positions, cache=cache)
+    def forward(self, tokens, positions=None, cache=None, logits_at=None):
+        logits = self.model(tokens, positions, cache=cache, logits_at=logits_at)
         self.calls.append((tokens.clone(), positions.clone(), logits.clone()))
         return logits
 
@@ -67,8 +67,8 @@ def test_kv_cache_logits_match_full_recompute(prompt_lens, qk_norm):
             for b, prompt in enumerate(prompts):
                 full = prompt + outs[b][:step]
                 expected = model(torch.tensor([full]))[0, -1]  # recompute the whole sequence, no cache
-                if step == 0:
-                    got = logits[b, len(prompt) - 1]
+                if step == 0:  # the prefill returns only each prompt's last-position logits: (B, vocab)
+                    got = logits[b]
                 else:
                     assert tokens[b].tolist() == [outs[b][step - 1]] and positions[b].tolist() == [len(full) - 1]
                     got = logits[b, -1]
@@ -260,6 +260,11 @@ def test_build_prompt_matches_training_format(family, chat, request):
     assert ids[:len(prompt)] == prompt and list(mask).index(1) == len(prompt)
     if not chat:
         assert prompt == ([tok.bos_id] if family == "llama3" else []) + tok.encode(q)
+        for mode in ("as_is", "prompt_response"):  # evaluation prompts follow dataset.source_encode_mode too
+            cfg = data.DatasetConfig(src_field="question", tgt_field="answer", source_encode_mode=mode)
+            ids, mask = data.encode_example({"question": q, "answer": a}, cfg, tok, "test")
+            prompt = gen.build_prompt(tok, q, chat=False, source_encode_mode=mode)
+            assert ids[:len(prompt)] == prompt and list(mask).index(1) == len(prompt)
 
 
 def test_evaluate_gsm8k(llama3_tokenizer_dir, monkeypatch):
@@ -331,7 +336,8 @@ class ByteTok:
     """A stand-in tokenizer: one id per byte, stop ids chosen so that completions end at different steps."""
     vocab_size, bos_id, stop_ids = 97, 96, [62, 86, 40]
 
-    def encode(self, text, bos=False):
+    def encode(self, text, bos=False, eos=False):
+        assert not eos, "evaluation prompts of source_encode_mode 'prompt' have no eos"
         return [self.bos_id] * bos + [b % 96 for b in text.encode()]
 
     def decode(self, ids):

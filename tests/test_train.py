@@ -335,3 +335,15 @@ def test_shipped_configs_load_and_validate(name, gsm8k_dir):
     if name != "demo.yaml":
         assert (cfg.dataset.src_field, cfg.dataset.tgt_field) == ("question", "answer")
         assert cfg.dataset.packing and cfg.trainer.compile
+
+
+def test_cli_bad_data_is_one_line_not_a_traceback(tiny_data, tmp_path):
+    """Errors found while training starts (here a malformed JSONL line) reach the user as one line naming file:line."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"question": "What is 1 + 1?", "answer": "#### 2"}\n{"question": oops\n')
+    cfg = tiny_cfg({"path": str(bad), "cache_dir": str(tmp_path / "cache")}, tmp_path / "out")
+    cfg["dataset"]["valid_split"] = ""
+    p = run([sys.executable, "train.py", write_cfg(cfg, tmp_path / "bad.yaml")], expect_rc=1)
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "train.jsonl:2" in p.stderr
