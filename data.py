@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 ENCODE_MODES = ("prompt", "prompt_response", "as_is")
 ROLES = ("system", "user", "assistant")
 POOL_MIN_BYTES = 1 << 20  # below ~1 MB of data, forking tokenizer workers costs more than it saves
@@ -356,7 +356,7 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
     tmp = f"{out_dir}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
     os.makedirs(tmp)
     workers = cfg.num_workers or min(os.cpu_count() or 1, 8)
-    drops, messages, lengths, num_read, label_tokens = Counter(), [], [0], 0, 0
+    drops, messages, lengths, num_read, label_tokens, max_id = Counter(), [], [0], 0, 0, 0
     _WORKER = (cfg, tokenizer)
     pool = None
     try:
@@ -368,6 +368,7 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
             for ids, mask, lens, d, msgs, nl, nr in results:
                 ft.write(ids.tobytes())
                 fm.write(mask.tobytes())
+                max_id = max(max_id, int(ids.max(initial=0)))
                 lengths.extend(lens)
                 drops.update(d)
                 messages.extend(msgs)
@@ -389,7 +390,7 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
     offsets = np.cumsum(np.asarray(lengths, np.int64))
     offsets.tofile(f"{tmp}/offsets.bin")
     meta = {"files": files, "num_read": num_read, "num_examples": len(lengths) - 1, "num_ids": int(offsets[-1]),
-            "num_label_tokens": int(label_tokens), "truncated": drops.pop("truncated", 0),
+            "num_label_tokens": int(label_tokens), "max_id": max_id, "truncated": drops.pop("truncated", 0),
             "drops": dict(sorted(drops.items())),
             "build_seconds": round(time.time() - t0, 3), "tokenizer": tokenizer_fingerprint(tokenizer),
             "options": {k: getattr(cfg, k) for k in ENCODE_OPTIONS}}

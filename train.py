@@ -531,7 +531,7 @@ def train(cfg: Config) -> dict:
     args = box[0]
     # What must fit the embedding table is every id the model will see, not the tokenizer's whole list: Llama 3.2's
     # tokenizer files add <|image|> = 128256 to a 128,256-row model, and neither text nor chat rendering emits it.
-    max_id = max([train_loader.pad_id] + [int(ld.data.tokens.max()) for ld in (train_loader, val_loader) if ld])
+    max_id = max([train_loader.pad_id] + [ld.data.meta["max_id"] for ld in (train_loader, val_loader) if ld])
     if max_id >= args.vocab_size:
         raise ValueError(f"token id {max_id} (data or pad) does not fit the model's vocab_size={args.vocab_size}: "
                          f"the tokenizer ({tok.vocab_size} ids) does not belong to this model")

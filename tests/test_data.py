@@ -437,7 +437,9 @@ def test_config_errors(tmp_path, tok, qa_dir):
 
 def test_cache_reused_and_invalidated(tmp_path, tok, qa_dir, monkeypatch):
     cfg = cfg_for(tmp_path, qa_dir, max_seq_len=64)
-    first = build_loader(cfg, tok, "train").data.directory
+    built = build_loader(cfg, tok, "train").data
+    first = built.directory
+    assert built.meta["max_id"] == int(built.tokens.max())  # train.py checks it against the model's vocab
     calls = []
     real_build = data.build_cache
     monkeypatch.setattr(data, "build_cache", lambda *a: (calls.append(1), real_build(*a)))
