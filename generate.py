@@ -24,7 +24,6 @@ import json
 import math
 import re
 import sys
-import warnings
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -176,18 +175,10 @@ def question_and_gold(example: dict) -> tuple[str, str | None]:
 
 
 def load_jsonl(path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
+    """GSM8K-format rows, read by data.py's reader (one-line errors naming file:line, BOM, CRLF)."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path}")
-    rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-    return rows
+    return [data.parse_record(where, raw) for where, raw in data.read_records(str(path))]
 
 
 def build_prompt(tokenizer, question: str, chat: bool, system: str | None = None,
@@ -300,19 +291,8 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path, chat_format)
     if _is_hf_dir(model_dir):
         return model_lib.load_hf(model_dir, dtype=dtype, device=device).eval(), tokenizer
-    # a DCP checkpoint, as train.py --export reads it (DCP reshards to this single process)
-    import torch.distributed.checkpoint as dcp
-    args = model_lib.ModelArgs(**torch.load(model_dir / "trainer_state.pt", weights_only=False)["model_args"])
-    with torch.device("meta"):
-        model = model_lib.Transformer(args)
-    model.to_empty(device=device)
-    model.init_weights()  # re-ties embeddings; every weight is then read from the checkpoint
-    sd = model.state_dict()
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": sd}, checkpoint_id=str(model_dir))
-    model.load_state_dict(sd)
-    return model.to(dtype).eval(), tokenizer
+    model, _ = train.load_checkpoint_model(model_dir)  # a DCP checkpoint, resharded to this one process
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------

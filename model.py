@@ -527,7 +527,8 @@ def _check_complete(shapes, got, where):
                          f"and {len(missing) - 1} more")
 
 
-def _empty_model(args, dtype, device):
+def empty_model(args, dtype=torch.float32, device="cpu") -> Transformer:
+    """A Transformer with uninitialized storage (every weight is about to be loaded): no time spent on random init."""
     with torch.device("meta"):
         model = Transformer(args)
     model.to(dtype=dtype).to_empty(device=device)
@@ -563,7 +564,7 @@ def load_hf(path, dtype=torch.float32, device="cpu") -> Transformer:
     else:
         raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
                                 f"(pytorch_model.bin checkpoints are not supported: convert them to safetensors)")
-    model = _empty_model(args, dtype, device)
+    model = empty_model(args, dtype, device)
     params = dict(model.named_parameters())
     shapes = {k: tuple(p.shape) for k, p in params.items()}
     filled, head = set(), None
@@ -688,7 +689,7 @@ def _load_meta(path, dtype, device):
             key = f"layers.{i}.attention.{name}.weight"
             if key in sd:
                 sd[key] = _meta_to_hf_qk(sd[key], n)
-    model = _empty_model(args, dtype, device)
+    model = empty_model(args, dtype, device)
     params = dict(model.named_parameters())
     shapes = {k: tuple(v.shape) for k, v in params.items()}
     for key, t in sd.items():

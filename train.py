@@ -417,10 +417,7 @@ def load_checkpoint_model(ckpt_dir) -> tuple[torch.nn.Module, dict]:
     if not (ckpt / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no trainer_state.pt): {ckpt}")
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)  # our own file
-    with torch.device("meta"):
-        model = model_lib.Transformer(model_lib.ModelArgs(**state["model_args"]))
-    model.to_empty(device="cpu")
-    model.init_weights()  # RoPE buffers and the tie; every weight is then read from the checkpoint
+    model = model_lib.empty_model(model_lib.ModelArgs(**state["model_args"]))  # every weight is read below
     sd = model.state_dict()
     dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(sd)
