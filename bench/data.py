@@ -24,8 +24,7 @@ import data  # noqa: E402
 from data import DatasetConfig, plan_epoch, real_token_fraction  # noqa: E402
 from model import flops_per_token, get_preset  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
-
-H100_BF16_PEAK = 989e12
+from train import PEAK_BF16_FLOPS  # noqa: E402
 
 
 def main():
@@ -39,7 +38,7 @@ def main():
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = one per CPU, at most 8)")
     args = p.parse_args()
     tokens_per_batch = args.rows * args.max_seq_len
-    step_s = flops_per_token(get_preset("qwen3_0_6b"), args.max_seq_len) * tokens_per_batch / (0.4 * H100_BF16_PEAK)
+    step_s = flops_per_token(get_preset("qwen3_0_6b"), args.max_seq_len) * tokens_per_batch / (0.4 * PEAK_BF16_FLOPS["H100"])
     print(f"data {args.data}; {os.cpu_count()} CPUs; estimated qwen3_0_6b H100 step for {tokens_per_batch} tokens "
           f"at 40% MFU: {step_s * 1e3:.1f} ms (2% = {step_s * 20:.2f} ms)")
     for tok_dir in args.tokenizers:

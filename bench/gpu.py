@@ -50,7 +50,9 @@ import torch
 
 from bench import common
 
-PEAK_FLOPS = 989e12  # H100 / H200 SXM, dense bf16
+from train import PEAK_BF16_FLOPS  # noqa: E402
+
+PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # H100 / H200 SXM, dense bf16 (the same 989e12 for both)
 REPORT = []          # lines for $OUT/gpu_bench.txt
 
 
