@@ -290,6 +290,15 @@ def load_tokenizer(path: str, chat_format: str):
                                         chat_format or None)
 
 
+def build_optimizer(model, cfg: OptimizerConfig, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with no weight decay on 1-D parameters (norms, biases). Fused on every device: on CPU too (torch >= 2.4),
+    where it is ~6x faster than foreach (0.04 s vs 0.25 s a step for 70M parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
 def checkpoint_dtype(model_dir: Path, default: torch.dtype) -> torch.dtype:
     """The precision the HF checkpoint is stored in (config.json dtype / torch_dtype): rank 0 reads it at that
     precision, so bf16 files cost half the host memory and fp32 files reach the fp32 master weights unrounded."""
@@ -563,12 +572,8 @@ def train(cfg: Config) -> dict:
     print0(f"model: {cfg.model.name or cfg.model.path} {n_params / 1e6:.1f}M params | world {world} | "
            f"device {device.type} | {'FSDP2' if use_fsdp else 'no FSDP'} | dtype {dtype} | compile {cfg.trainer.compile}")
 
-    # --- optimizer (no weight decay on norms / biases), resume
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optimizer.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
-                                  fused=True)  # fused on CPU too (torch >= 2.4): 6x faster than foreach there
+    # --- optimizer, resume
+    optimizer = build_optimizer(model, cfg.optimizer)
     step = 0
     ckpts = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
     if ckpts:

@@ -152,24 +152,10 @@ def peak_rss_gb():
 
 
 # ------------------------------------------------------------------------------------------------ steps
-def trainpy_fused_on_cpu():
-    """Whether train.py builds its AdamW with fused=True on every device (else: fused on CUDA only, foreach on
-    CPU). Read from train.py's source so the benchmark keeps measuring what `python train.py` runs."""
-    with open(os.path.join(REPO, "train.py")) as f:
-        src = f.read()
-    call = src[src.index("torch.optim.AdamW("):]
-    call = call[:call.index("\n\n")].replace(" ", "")
-    return "fused=True" in call
-
-
-def ours_optimizer(model, device_type, fused=None):
-    """train.py's AdamW: no weight decay on 1-D parameters, betas (0.9, 0.95), fused as train.py does it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    if fused is None:
-        fused = device_type == "cuda" or trainpy_fused_on_cpu()
-    return torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+def ours_optimizer(model, fused=True):
+    """train.py's AdamW (train.build_optimizer) with its default optimizer settings; fused=False for foreach."""
+    import train
+    return train.build_optimizer(model, train.OptimizerConfig(), fused=fused)
 
 
 def hf_optimizer(model):
@@ -194,8 +180,8 @@ def add_timing_args(p):
     """The command-line options train_step.py and sft_e2e.py share."""
     p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
     p.add_argument("--steps", type=int, default=2, help="steps per side per round")
-    p.add_argument("--ours-adamw", choices=["train.py", "fused", "foreach"], default="train.py",
-                   help="ours: AdamW as train.py builds it (default), or force fused / foreach")
+    p.add_argument("--ours-adamw", choices=["fused", "foreach"], default="fused",
+                   help="ours: AdamW fused (as train.py builds it, the default) or foreach")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
 

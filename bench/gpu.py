@@ -143,7 +143,7 @@ def build_ours(margs, sd, device, mode, compile_blocks):
     else:
         model.load_state_dict(sd)
     model.train()
-    return model, common.ours_optimizer(model, device.type)
+    return model, common.ours_optimizer(model)
 
 
 def build_hf(margs, sd, device):

@@ -58,7 +58,7 @@ def setup_ours(spec):
     if spec["compile"]:
         for layer in model.layers:
             layer.compile()
-    opt = common.ours_optimizer(model, "cpu", fused=spec["ours_fused"])
+    opt = common.ours_optimizer(model, fused=spec["ours_fused"])
     it = iter(loader)
 
     def step():
@@ -128,7 +128,7 @@ def main():
     import tokenizer as T
     spec = dict(data=os.path.abspath(args.data), tokenizer=args.tokenizer, cache_dir=args.cache_dir,
                 seq_len=args.seq_len, budget=args.budget, seed=args.seed, threads=args.threads, compile=False,
-                ours_fused={"train.py": common.trainpy_fused_on_cpu(), "fused": True, "foreach": False}[args.ours_adamw])
+                ours_fused=args.ours_adamw == "fused")
     # Tokenize once here (data.py's cache), so neither timed side pays for it.
     t0 = time.perf_counter()
     td = data.load_data(dataset_config(spec), T.load_tokenizer(args.tokenizer), "train")

@@ -45,7 +45,7 @@ def setup_ours(spec):
         # Per-block, in place (what train.py does): the blocks are the repeated unit, compiled once and reused.
         for layer in model.layers:
             layer.compile()
-    opt = common.ours_optimizer(model, "cpu", fused=spec["ours_fused"])
+    opt = common.ours_optimizer(model, fused=spec["ours_fused"])
     tokens, _, labels = common.sft_batch(spec["batch_size"], spec["seq_len"], model.args.vocab_size,
                                          seed=spec["seed"], supervised=spec["supervised"])
     n_sup = int((labels != -100).sum())
@@ -144,7 +144,7 @@ def bench_shape(shape, args):
 
 
 def ours_fused(args):
-    return {"train.py": common.trainpy_fused_on_cpu(), "fused": True, "foreach": False}[args.ours_adamw]
+    return args.ours_adamw == "fused"
 
 
 def main():
