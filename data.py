@@ -144,21 +144,23 @@ def resolve_files(path: str, split: str) -> list[str]:
                             f"or **/{split}-*.jsonl (or .parquet)")
 
 
-def hub_snapshot(url: str) -> str:
-    """hg://org/name[/subdir] -> the local snapshot dir of the Hub dataset (downloaded or from the HF cache)."""
+def hub_snapshot(url: str, what: str = "dataset.path", repo_type: str = "dataset") -> str:
+    """hg://org/name[/subdir] -> the local snapshot dir of that Hub repo (downloaded, or from the HF cache;
+    HF_HUB_OFFLINE honoured). train.py fetches models and tokenizers with it too (repo_type "model")."""
     parts = url[len("hg://"):].strip("/").split("/")
     if len(parts) < 2 or not all(parts):
-        raise ValueError(f"dataset.path {url}: expected hg://org/name or hg://org/name/subdir")
+        raise ValueError(f"{what} {url}: expected hg://org/name or hg://org/name/subdir")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ImportError(f"dataset.path {url} needs huggingface_hub: pip install huggingface_hub") from None
+        raise ImportError(f"{what} {url} needs huggingface_hub: pip install huggingface_hub") from None
     repo_id = "/".join(parts[:2])
+    patterns = ["*.jsonl", "*.parquet"] if repo_type == "dataset" else None
     try:
-        root = snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=["*.jsonl", "*.parquet"])
-    except Exception as e:  # offline without a cached snapshot, no such repo, network errors
+        root = snapshot_download(repo_id=repo_id, repo_type=repo_type, allow_patterns=patterns)
+    except Exception as e:  # offline without a cached snapshot, gated or missing repo, network errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise FileNotFoundError(f"dataset.path {url}: cannot get Hub dataset {repo_id} "
+        raise FileNotFoundError(f"{what} {url}: cannot get Hub {repo_type} {repo_id} "
                                 f"({type(e).__name__}: {first})") from None
     return os.path.join(root, *parts[2:])
 

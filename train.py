@@ -268,21 +268,9 @@ def resolve_path(path: str, what: str) -> Path:
     """A local path as is; hg://org/name through huggingface_hub (local rank 0 downloads, the others reuse its cache)."""
     if not path.startswith("hg://"):
         return Path(path)
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ImportError(f"{what}={path} needs huggingface_hub: pip install huggingface_hub") from None
-
-    def download():
-        try:
-            return Path(snapshot_download(path.removeprefix("hg://")))
-        except Exception as e:  # offline without a cached snapshot, gated or missing repo, network errors
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise FileNotFoundError(f"{what}={path}: cannot get it from the Hub ({type(e).__name__}: {first})") from None
-    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    local = download() if first_on_node else None
+    local = data.hub_snapshot(path, what, repo_type="model") if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None
     barrier()
-    return local or download()
+    return Path(local or data.hub_snapshot(path, what, repo_type="model"))
 
 
 def load_tokenizer(path: str, chat_format: str):

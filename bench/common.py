@@ -1,9 +1,9 @@
 """Shared helpers of bench/train_step.py, bench/sft_e2e.py and bench/gpu.py: benchmark model shapes, a synthetic SFT
 batch with a realistic label mask, GSM8K-like document lengths, the step functions of both sides, memory readings.
 
-Import it as `from bench import common` after `common.fix_sys_path()`-style setup in the script (see `_setup_path`
-at the top of each script): bench/ holds tokenize.py and data.py, which would shadow the standard library's
-`tokenize` (imported by torch through `inspect`) and the repository's data.py if bench/ stayed first on sys.path.
+Import it as `from bench import common` after the sys.path line at the top of each script, which replaces bench/
+with the repository root: bench/ holds tokenize.py, data.py and generate.py (the names the issues gave them), which
+would shadow the standard library's `tokenize` (imported by torch through `inspect`) and the repository's modules.
 """
 import multiprocessing as mp
 import os
