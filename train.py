@@ -548,7 +548,7 @@ def train(cfg: Config) -> dict:
     model.to_empty(device=device)
     with warnings.catch_warnings():  # random init of CPU DTensors warns; the values are overwritten right below
         warnings.filterwarnings("ignore", message="DTensor random operators")
-        model.init_weights()  # RoPE buffers (garbage after to_empty) and the embedding tie; weights come next
+        model.init_weights()  # re-ties the embedding (to_empty breaks the tie); the values come next
     if use_fsdp:
         set_model_state_dict(model, full.state_dict() if is_master else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
