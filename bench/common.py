@@ -158,6 +158,18 @@ def ours_optimizer(model, fused=True):
     return train.build_optimizer(model, train.OptimizerConfig(), fused=fused)
 
 
+def ours_model_and_optimizer(spec):
+    """Our model from the benchmark's saved HF dir, in training mode, blocks compiled in place as train.py does
+    (spec["compile"]), with train.py's AdamW."""
+    import model as M
+    model = M.load_hf(spec["hf_dir"], dtype=torch.float32, device="cpu")
+    model.train()
+    if spec["compile"]:
+        for layer in model.layers:  # per block: the repeated unit, compiled once and reused
+            layer.compile()
+    return model, ours_optimizer(model, fused=spec["ours_fused"])
+
+
 def hf_optimizer(model):
     """transformers Trainer's default: optim "adamw_torch_fused" (torch >= 2.8, any device), weight_decay 0.0."""
     return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)

@@ -49,16 +49,10 @@ def dataset_config(spec):
 # ---------------------------------------------------------------------------------------------- the two sides
 def setup_ours(spec):
     import data
-    import model as M
     import tokenizer as T
     tok = T.load_tokenizer(spec["tokenizer"])
     loader = data.build_loader(dataset_config(spec), tok, "train", seed=spec["seed"])
-    model = M.load_hf(spec["hf_dir"], dtype=torch.float32, device="cpu")
-    model.train()
-    if spec["compile"]:
-        for layer in model.layers:
-            layer.compile()
-    opt = common.ours_optimizer(model, fused=spec["ours_fused"])
+    model, opt = common.ours_model_and_optimizer(spec)
     it = iter(loader)
 
     def step():

@@ -38,14 +38,7 @@ from bench import common
 # ---------------------------------------------------------------------------------------------- the two sides
 def setup_ours(spec):
     """Runs in a worker process: our model from the saved HF dir, optimizer, batch -> (step, info)."""
-    import model as M
-    model = M.load_hf(spec["hf_dir"], dtype=torch.float32, device="cpu")
-    model.train()
-    if spec["compile"]:
-        # Per-block, in place (what train.py does): the blocks are the repeated unit, compiled once and reused.
-        for layer in model.layers:
-            layer.compile()
-    opt = common.ours_optimizer(model, fused=spec["ours_fused"])
+    model, opt = common.ours_model_and_optimizer(spec)
     tokens, _, labels = common.sft_batch(spec["batch_size"], spec["seq_len"], model.args.vocab_size,
                                          seed=spec["seed"], supervised=spec["supervised"])
     n_sup = int((labels != -100).sum())
