@@ -158,6 +158,30 @@ def ours_optimizer(model, fused=True):
     return train.build_optimizer(model, train.OptimizerConfig(), fused=fused)
 
 
+def run_alternating(sides, warmup, rounds, steps) -> dict:
+    """The first step of each side (compile, lazy optimizer state, allocator) is timed and reported apart, then
+    `warmup - 1` untimed steps, then `rounds` of `steps` timed steps per side in turn, so load drift hits both.
+    Returns each side's memory readings."""
+    for s in sides:
+        (s.first_step_s, first), = s.steps(1)
+        s.loss0 = first["loss"]
+        if warmup > 1:
+            s.steps(warmup - 1)
+    for _ in range(rounds):
+        for s in sides:
+            s.records += s.steps(steps)
+    return {s.name: s.mem() for s in sides}
+
+
+def save_random_init(margs, hf_dir):
+    """One seeded random init, written as an HF directory: both sides of a benchmark load these same weights."""
+    import model as M
+    torch.manual_seed(0)
+    m = M.Transformer(margs)
+    m.init_weights()
+    M.save_hf(m, margs, hf_dir)
+
+
 def ours_model_and_optimizer(spec):
     """Our model from the benchmark's saved HF dir, in training mode, blocks compiled in place as train.py does
     (spec["compile"]), with train.py's AdamW."""

@@ -142,25 +142,14 @@ def main():
 
     margs = common.model_args(args.model)
     with tempfile.TemporaryDirectory() as hf_dir:
-        torch.manual_seed(0)
-        m = M.Transformer(margs)
-        m.init_weights()
-        M.save_hf(m, margs, hf_dir)
-        del m
+        common.save_random_init(margs, hf_dir)
         spec["hf_dir"] = hf_dir
         sides = []
         try:
             sides.append(common.Worker("ours" + ("+compile" if args.compile == "blocks" else ""), setup_ours,
                                        {**spec, "compile": args.compile == "blocks"}))
             sides.append(common.Worker("hf", setup_hf, {**spec, "hf_batch_size": n_hf}))
-            for s in sides:
-                (s.first_step_s, _), = s.steps(1)
-                if args.warmup > 1:
-                    s.steps(args.warmup - 1)
-            for _ in range(args.rounds):
-                for s in sides:
-                    s.records += s.steps(args.steps)
-            mem = {s.name: s.mem() for s in sides}
+            mem = common.run_alternating(sides, args.warmup, args.rounds, args.steps)
         finally:
             for s in sides:
                 s.close()

@@ -76,11 +76,7 @@ def bench_shape(shape, args):
     margs = common.model_args(shape)
     T = args.seq_len
     with tempfile.TemporaryDirectory() as hf_dir:
-        torch.manual_seed(0)
-        m = M.Transformer(margs)
-        m.init_weights()
-        M.save_hf(m, margs, hf_dir)
-        del m
+        common.save_random_init(margs, hf_dir)
         spec = dict(hf_dir=hf_dir, batch_size=args.batch_size, seq_len=T, seed=args.seed, supervised=args.supervised,
                     threads=args.threads, compile=False, ours_fused=ours_fused(args))
         variants = {"off": [("ours", False)], "blocks": [("ours+compile", True)],
@@ -93,16 +89,7 @@ def bench_shape(shape, args):
             sides.append(common.Worker("hf", setup_hf, spec))
             n_sup = {s.name: s.info["n_sup"] for s in sides}
             assert len(set(n_sup.values())) == 1, f"sides supervise different token counts: {n_sup}"
-            # Warmup: the first step (compile, lazy optimizer state, allocator) is timed and reported separately.
-            for s in sides:
-                (s.first_step_s, first), = s.steps(1)
-                s.loss0 = first["loss"]
-                if args.warmup > 1:
-                    s.steps(args.warmup - 1)
-            for _ in range(args.rounds):
-                for s in sides:
-                    s.records += s.steps(args.steps)
-            mem = {s.name: s.mem() for s in sides}
+            mem = common.run_alternating(sides, args.warmup, args.rounds, args.steps)
             if not all(s.info["reset_ok"] for s in sides):
                 print("note: could not reset the peak RSS (/proc/self/clear_refs): 'train' includes loading")
         finally:
