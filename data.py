@@ -57,6 +57,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenizer import TRAIN_ON
+
 CACHE_VERSION = 2
 ENCODE_MODES = ("prompt", "prompt_response", "as_is")
 ROLES = ("system", "user", "assistant")
@@ -670,8 +672,8 @@ def check_config(cfg: DatasetConfig) -> None:
     for name in ("source_encode_mode", "target_encode_mode"):
         if getattr(cfg, name) not in ENCODE_MODES:
             raise ValueError(f"dataset.{name}={getattr(cfg, name)!r}: expected one of {', '.join(ENCODE_MODES)}")
-    if cfg.train_on not in ("assistant", "last_assistant", "all"):
-        raise ValueError(f"dataset.train_on={cfg.train_on!r}: expected assistant, last_assistant or all")
+    if cfg.train_on not in TRAIN_ON:
+        raise ValueError(f"dataset.train_on={cfg.train_on!r}: expected one of {', '.join(TRAIN_ON)}")
     if cfg.max_seq_len < 1 or cfg.min_seq_len > cfg.max_seq_len:
         raise ValueError(f"dataset: need 1 <= min_seq_len <= max_seq_len, got {cfg.min_seq_len}, {cfg.max_seq_len}")
     if cfg.batch_size and cfg.max_num_tokens:
