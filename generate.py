@@ -39,9 +39,13 @@ import tokenizer as tokenizer_lib
 
 
 def compute_dtype(model) -> torch.dtype:
-    """The dtype activations (and so k/v) have: FSDP2 mixed precision computes in mp_policy.param_dtype while the
-    sharded parameters stay fp32, and FSDP2 has no public getter for its policy."""
+    """The dtype activations (and so k/v) have: autocast's dtype (train.py on one process), FSDP2 mixed precision's
+    mp_policy.param_dtype (the sharded parameters stay fp32; FSDP2 has no public getter for its policy), else the
+    parameters' own dtype."""
     from torch.distributed.fsdp import FSDPModule
+    device_type = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     if isinstance(model, FSDPModule):
         param_dtype = model._get_fsdp_state()._mp_policy.param_dtype
         if param_dtype is not None:

@@ -247,6 +247,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,T,D)
         # HF rotate_half layout: pairs are (i, i + D/2); cos/sin (B,1,T,D) arrive in the activation dtype, as in HF.
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # Under bf16 autocast cos/sin follow the fp32 residual stream, so RoPE leaves q/k in fp32 while v (a matmul
+        # output) is bf16: one dtype for flex_attention and the KV cache. A no-op without autocast.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.update(self.layer_id, positions, k, v)  # (B,KV,max_len,D)
         if isinstance(mask, torch.Tensor) or mask is None:
@@ -392,6 +395,13 @@ class Transformer(nn.Module):
             # gradient reduce-scatter) runs the same on every rank.
             return (h.sum() + w.sum()).float() * 0.0
         if torch.is_grad_enabled() and (hs.requires_grad or w.requires_grad):
+            dev = hs.device.type
+            if torch.is_autocast_enabled(dev):
+                # Cast once here (autograd casts the gradients back to fp32): inside the Function autocast would
+                # re-cast the whole head weight in every chunk's matmul, and the in-place addmm_ would run in fp32.
+                dt = torch.get_autocast_dtype(dev)
+                with torch.autocast(dev, enabled=False):
+                    return _FusedLinearCE.apply(hs.to(dt), w.to(dt), ys, CE_CHUNK)
             return _FusedLinearCE.apply(hs, w, ys, CE_CHUNK)
         return sum(_ce_sum(hs[i:i + CE_CHUNK], w, ys[i:i + CE_CHUNK]) for i in range(0, hs.size(0), CE_CHUNK))
 

@@ -1,4 +1,4 @@
-"""All training benchmarks on one CUDA GPU in one run (< 7 min), printing one table; bf16.
+"""All training benchmarks on one CUDA GPU in one run (< 8 min), printing one table; bf16.
 
     python bench/gpu.py                        # H100 / H200; the table also goes to $OUT/gpu_bench.txt when OUT is set
     python bench/gpu.py --time-budget 300 --cases packed4096,packed2048
@@ -12,12 +12,13 @@ Cases, in this order (each in try/except; a case that would not fit the remainin
         <= budget), attn_implementation="sdpa" with attention_mask. Document lengths: (prompt, response) pairs of
         256 real GSM8K train examples under the Llama 3.2 tokenizer, embedded in bench/common.py (no data files needed).
   llama_cpu / qwen3_cpu    bench/train_step.py's shapes (vocab 128,256 / 151,936), the same 8 x 512 batch for both.
+  fsdp4096                 packed4096 for ours only, with FSDP2 on its one rank (MixedPrecisionPolicy bf16 over fp32):
+        what each rank of a multi-GPU run does, beside train.py's one-GPU autocast path.
   same4096                 1B, the same 2 x 4096 batch for both (plain causal rows: kernels + loss head only).
   generate                 bench/generate.py --device cuda --dtype bfloat16 (decode tokens/s), if time is left.
-Precision, mirroring train.py on one GPU: ours = FSDP2 (1 rank) MixedPrecisionPolicy(param_dtype=bf16,
-reduce_dtype=fp32) over fp32 master weights, per-block torch.compile, fused AdamW, loss = SUM CE / supervised
-tokens; HF = what Trainer(bf16=True) does: bf16 autocast over fp32 weights, fused AdamW (Trainer's default), its
-default loss. Both clip the grad norm at 1.0 and read loss + grad norm each step (as train.py / Trainer log).
+Precision, mirroring train.py on one GPU: ours = bf16 autocast over fp32 weights (no FSDP on one rank, as
+torchtitan), per-block torch.compile, fused AdamW, loss = SUM CE / supervised tokens; HF = what Trainer(bf16=True)
+does: bf16 autocast over fp32 weights, fused AdamW (Trainer's default), its default loss. Both clip the grad norm at 1.0 and read loss + grad norm each step (as train.py / Trainer log).
 Weights: one seeded random init, loaded into both (ours via set_model_state_dict as train.py, HF via
 model.ours_to_hf); the loss of step 0 is compared (packed cases: ours' first packed batch vs HF forward on the same
 documents padded) as a correctness check.
@@ -268,7 +269,7 @@ def hf_loss_on_docs(model, docs, idx, device, chunk=16):
 
 
 # ------------------------------------------------------------------------------------------------ cases
-def case_packed(args, device, seq_len, state):
+def case_packed(args, device, seq_len, state, mode=None, with_hf=True):
     import model as M
     margs = state["margs_1b"]
     docs = SyntheticDocs(args.docs, margs.vocab_size)
@@ -278,14 +279,15 @@ def case_packed(args, device, seq_len, state):
     res = {"margs": margs, "notes": [f"HF static batch {n_hf} examples (mean padded "
                                      f"{np.mean([b['n_slots'] for b in hf_b]):.0f} slots); ours "
                                      f"{args.budget // seq_len} x {seq_len} packed rows"]}
-    res["ours"] = run_ours(args, device, margs, state["sd_1b"], ours_b, state)
+    res["ours"] = run_ours(args, device, margs, state["sd_1b"], ours_b, state, mode)
     if "error" not in res["ours"]:
         mean_doc = float(np.mean(docs.lengths))
         r = res["ours"]
         mfu_doc = M.flops_per_token(margs, mean_doc) * r["real"] / r["secs"] / PEAK_FLOPS
         res["notes"].append(f"ours MFU with attention at the mean document length ({mean_doc:.0f}): {mfu_doc:.1%}")
     res["hf"] = run_hf(args, device, margs, state["sd_1b"], hf_b,
-                       check=lambda m: hf_loss_on_docs(m, docs, ours_b[0]["doc_idx"], device))
+                       check=lambda m: hf_loss_on_docs(m, docs, ours_b[0]["doc_idx"], device)) \
+        if with_hf else {"skipped": True}
     return res
 
 
@@ -301,13 +303,13 @@ def case_same(args, device, margs, sd, batch_size, seq_len, state):
     return res
 
 
-def run_ours(args, device, margs, sd, batches, state):
-    """Ours as train.py runs it (FSDP2 bf16, flex_attention for packed rows). If that fails, fall back to bf16
-    autocast, then to SDPA with a dense document mask instead of flex, and keep the first that works (said in the
-    output), so that one failure does not cost every case."""
+def run_ours(args, device, margs, sd, batches, state, mode=None):
+    """Ours as train.py runs it on one GPU (bf16 autocast, flex_attention for packed rows). If flex fails, fall back
+    to SDPA with a dense document mask and keep that (said in the output), so that one failure does not cost every
+    case. mode="fsdp": FSDP2 on one rank instead (no fallback)."""
     import model as M
-    chain = [("fsdp", None), ("autocast", None), ("autocast", False)]
-    chain = chain[chain.index(state["ours_mode"]):]
+    chain = [("autocast", None), ("autocast", False)]
+    chain = [("fsdp", None)] if mode == "fsdp" else chain[chain.index(state["ours_mode"]):]
     errors = []
     for mode, flex in chain:
         if errors and left(args) < 40:
@@ -321,7 +323,7 @@ def run_ours(args, device, margs, sd, batches, state):
             r = run_side(lambda b: ours_step(model, opt, b, device, use_ac), batches, args, device)
             r["mode"] = mode + ("" if flex is None else ", no flex")
             log(f"   ours done ({time.time() - _T0:.0f} s elapsed)")
-            if (mode, flex) != state["ours_mode"]:
+            if mode != "fsdp" and (mode, flex) != state["ours_mode"]:
                 log(f"   ours: NOTE falling back to {r['mode']} for this and later cases")
                 state["ours_mode"] = (mode, flex)
             return r
@@ -354,8 +356,8 @@ def run_hf(args, device, margs, sd, batches, check):
 # ------------------------------------------------------------------------------------------------ main
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--cases", default="packed4096,packed2048,llama_cpu,qwen3_cpu,same4096,generate")
-    p.add_argument("--time-budget", type=float, default=330.0,
+    p.add_argument("--cases", default="packed4096,packed2048,fsdp4096,same4096,llama_cpu,qwen3_cpu,generate")
+    p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds from start; a case that would not fit is skipped (the table still prints)")
     p.add_argument("--budget", type=int, default=8192, help="token slots per step (packed cases), both sides")
     p.add_argument("--steps", type=int, default=8, help="timed steps per side")
@@ -363,7 +365,6 @@ def main():
     p.add_argument("--n-batches", type=int, default=6, help="distinct batches cycled through per side")
     p.add_argument("--docs", type=int, default=2000, help="synthetic GSM8K-like documents to pack / pad")
     p.add_argument("--no-compile", action="store_true", help="ours without per-block torch.compile")
-    p.add_argument("--ours-mode", choices=["fsdp", "autocast"], default="fsdp")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU to test the script without a GPU")
     args = p.parse_args()
 
@@ -382,13 +383,14 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    state = {"ours_mode": (args.ours_mode, None)}
+    state = {"ours_mode": ("autocast", None)}
     margs_1b = M.get_preset("tiny_llama" if args.smoke else "llama3_2_1b")
     if args.smoke:
         margs_1b.vocab_size = 2048
     cases = args.cases.split(",")
     # Rough cost of each case in seconds on an H100 (compile included), to skip what cannot finish in time.
-    cost = {"packed4096": 100, "packed2048": 90, "llama_cpu": 45, "qwen3_cpu": 45, "same4096": 80, "generate": 40}
+    cost = {"packed4096": 100, "packed2048": 90, "fsdp4096": 60, "llama_cpu": 45, "qwen3_cpu": 45, "same4096": 80,
+            "generate": 40}
     results = []
     for case in cases:
         if case not in cost:
@@ -407,8 +409,9 @@ def main():
             if case.startswith(("packed", "same")) and "sd_1b" not in state:
                 state["margs_1b"] = margs_1b
                 state["sd_1b"] = init_state_dict(margs_1b, device)
-            if case == "packed4096":
-                res = case_packed(args, device, 512 if args.smoke else 4096, state)
+            if case in ("packed4096", "fsdp4096"):
+                res = case_packed(args, device, 512 if args.smoke else 4096, state, mode=case[:4] if case == "fsdp4096"
+                                  else None, with_hf=case == "packed4096")
             elif case == "packed2048":
                 res = case_packed(args, device, 256 if args.smoke else 2048, state)
             elif case == "same4096":
@@ -439,6 +442,8 @@ def main():
 def summarize(case, res):
     for side in ("ours", "hf"):
         r = res.get(side, {})
+        if r.get("skipped"):
+            continue
         if "error" in r:
             log(f"   {side}: ERROR {r['error']}")
         else:
@@ -466,6 +471,9 @@ def table(results, device_name, final=True):
         cells = {}
         for side in ("ours", "hf"):
             r = res[side]
+            if r.get("skipped"):
+                cells[side] = ("-", "-", "-", None)
+                continue
             if "error" in r:
                 cells[side] = ("error", "-", "-", None)
                 continue

@@ -76,6 +76,24 @@ def test_kv_cache_logits_match_full_recompute(prompt_lens, qk_norm):
                 assert outs[b][step] == expected.argmax().item()
 
 
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
+def test_generate_under_bf16_autocast(qk_norm):
+    """train.py's one-rank evaluation runs inside bf16 autocast over fp32 weights: the KV cache takes autocast's dtype
+    (k/v are bf16 matmul outputs) and each step's logits stay those of a full recompute under the same autocast."""
+    model = tiny_model(qk_norm=qk_norm)
+    prompts = [[5, 17, 3, 90, 41, 8, 2], [60, 7]]
+    rec = Recorder(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert gen.compute_dtype(model) == torch.bfloat16
+        outs = gen.generate(rec, prompts, 5, stop_ids=[])
+        for step, (_, _, logits) in enumerate(rec.calls):
+            for b, prompt in enumerate(prompts):
+                expected = model(torch.tensor([prompt + outs[b][:step]]))[0, -1].float()
+                got = (logits[b] if step == 0 else logits[b, -1]).float()
+                assert (got - expected).abs().max() <= 0.05 * expected.abs().max(), (step, b)
+    assert gen.compute_dtype(model) == torch.float32
+
+
 def test_finished_sequences_leave_the_batch():
     model = tiny_model()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]]

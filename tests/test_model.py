@@ -398,6 +398,37 @@ def test_chunked_ce_matches_full_cross_entropy(name, monkeypatch):
         torch.testing.assert_close(g, p.grad)
 
 
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen3"])
+def test_autocast_bf16_step_runs_the_head_in_bf16_and_matches_fp32(name, monkeypatch):
+    """train.py's one-rank precision (bf16 autocast over fp32 weights): the fused loss head gets bf16 inputs, cast once
+    (inside the Function autocast would re-cast the head weight per chunk and its addmm_ would run in fp32), q/k
+    leave RoPE in v's dtype, gradients reach the fp32 parameters in fp32, and loss and grads stay near fp32's."""
+    monkeypatch.setattr(M, "CE_CHUNK", 7)
+    seen = []
+    apply = M._FusedLinearCE.apply
+    monkeypatch.setattr(M._FusedLinearCE, "apply", lambda h, w, y, c: seen.append((h.dtype, w.dtype)) or apply(h, w, y, c))
+    attn_dtypes = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: attn_dtypes.append((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, **kw))
+    m = tiny(name).train()
+    tokens, labels = torch.randint(0, V, (2, 20)), torch.randint(0, V, (2, 20))
+    labels[0, :6] = -100
+    doc_ids = torch.tensor([[0] * 8 + [1] * 12, [0] * 20])
+    ref = m(tokens, doc_ids=doc_ids, labels=labels)
+    ref_grads = [g.clone() for g in torch.autograd.grad(ref, list(m.parameters()))]
+    seen.clear(), attn_dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(tokens, doc_ids=doc_ids, labels=labels)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert attn_dtypes and all(d == (torch.bfloat16,) * 3 for d in attn_dtypes), attn_dtypes
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=0)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() <= 0.05 * r.norm() + 1e-6, ((g - r).norm(), r.norm())
+
+
 def test_chunked_ce_no_supervised_tokens_still_backprops():
     m = tiny("tiny_llama").train()
     loss = m(torch.randint(0, V, (1, 8)), labels=torch.full((1, 8), -100))

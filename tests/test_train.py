@@ -4,6 +4,7 @@ compile / activation checkpointing, SIGKILL + resume, crash during a checkpoint 
     python3 -m pytest -q -x tests/test_train.py          # ~4-5 min on 2 cores
 """
 import json
+import math
 import os
 import signal
 import socket
@@ -248,6 +249,22 @@ def test_compile_and_activation_checkpointing_match_eager(tiny_data, tmp_path):
         cfg["trainer"].update(trainer)
         train_in_process(cfg, tmp_path, f"{name}.yaml")
         close(losses(tmp_path / name), ref, [1, 2, 3], 1e-5 if name != "compile" else 1e-3)
+
+
+def test_one_rank_bf16_autocast_trains_validates_and_evaluates(tiny_data, tmp_path, capsys):
+    """trainer.dtype=bfloat16 on one process (train.py's one-GPU path, here on CPU): bf16 autocast over fp32 weights
+    trains near the fp32 curve, and validation and generation (KV cache in bf16) run under the same autocast."""
+    fp32 = tiny_cfg(tiny_data, tmp_path / "fp32", regime={"num_steps": 4}, dataset={"valid_split": ""})
+    train_in_process(fp32, tmp_path, "fp32.yaml")
+    bf16 = tiny_cfg(tiny_data, tmp_path / "bf16", regime={"num_steps": 4}, trainer={"dtype": "bfloat16"},
+                    evaluation={"split": "valid", "limit": 4, "batch_size": 2, "max_new_tokens": 4})
+    res = train_in_process(bf16, tmp_path, "bf16.yaml")
+    out = capsys.readouterr().out
+    assert "one rank, no FSDP | dtype torch.bfloat16 (autocast)" in out, out[-2000:]
+    assert "step 4: gsm8k accuracy" in out and res["eval"]["total"] == 4 and math.isfinite(res["val_loss"])
+    ref, got = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    close(got, ref, [1, 2, 3, 4], 0.03 * ref[1])
+    assert got != ref  # bf16 matmuls did run
 
 
 KILL_SCRIPT = """
