@@ -540,8 +540,9 @@ def train(cfg: Config) -> dict:
             block.compile()  # in place: no "_orig_mod." in state-dict keys
     if use_fsdp:
         mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+        for i, block in enumerate(model.layers):
+            # The last block's backward starts right after the forward: resharding it would only re-gather it.
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
         fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, head (tied with embeddings)
         for m in model.modules():
             if isinstance(m, FSDPModule):  # we divide by the global token count ourselves: FSDP must only sum

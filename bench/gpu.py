@@ -118,7 +118,7 @@ def init_state_dict(margs, device, seed=0):
 
 
 def build_ours(margs, sd, device, mode, compile_blocks):
-    """mode "fsdp": train.py's single-GPU path; "autocast": plain module + bf16 autocast (fallback)."""
+    """mode "autocast": train.py's one-GPU path (plain module, bf16 autocast); "fsdp": a multi-GPU rank's path."""
     import model as M
     with torch.device("meta"):
         model = M.Transformer(margs)
@@ -129,8 +129,8 @@ def build_ours(margs, sd, device, mode, compile_blocks):
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
         mesh = mesh_1rank(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+        for i, block in enumerate(model.layers):  # as train.py: the last block stays unsharded for its backward
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         for m in model.modules():
             if isinstance(m, FSDPModule):
