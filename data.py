@@ -15,6 +15,14 @@ encode(tgt), so the prompt's ids are always a prefix of the example (no BPE merg
 a generation prompt gets); source/target_encode_mode: prompt = bos+text, prompt_response = text+eos, as_is = text.
 Target tokens and their eos / end-of-turn are trained, prompt tokens only with train_on_prompt.
 
+Mixing (dataset.sources, instead of dataset.path): a list of {path, weight (default 1), name, and per-source
+src_field / tgt_field / messages_field / chat_mode}; each path resolves like dataset.path, with its own cache. A
+weight multiplies its source ONCE per run: 2 = every example twice per epoch, 0.5 = a fixed random half, 2.5 = twice
+plus a fixed random half (round(weight * n) in all), drawn from the loader seed and the source's index alone. Every
+epoch then holds the same multiset, shuffled and batched as one dataset, so batches/epoch is constant, the resume
+state below stays exact and all ranks agree. Another split (validation) takes every example of each source that has
+it, unweighted; a source without it is reported and skipped.
+
 Lengths are MODEL tokens: n ids give n-1 inputs (tokens = ids[:-1], labels = ids[1:] where mask[1:] else -100).
 Examples under min_seq_len, over max_seq_len or with no supervised label are dropped and counted by reason.
 truncate: true cuts long examples instead: first the prompt, just after its first token (bos / first header token
@@ -52,7 +60,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,6 +76,7 @@ POOL_MIN_BYTES = 1 << 20  # below ~1 MB of data, forking tokenizer workers costs
 @dataclass
 class DatasetConfig:
     path: str = ""                   # .jsonl/.parquet file | directory | hg://org/name[/subdir]
+    sources: list[dict] = field(default_factory=list)  # instead of path: [{path, weight, src_field, ...}] (mixing)
     train_split: str = "train"
     valid_split: str = ""            # "" = no validation set
     src_field: str = "src"
@@ -125,16 +134,17 @@ class BadExample(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Sources
 
-def resolve_files(path: str, split: str) -> list[str]:
-    """The data files of one split, sorted (their order is part of the data order)."""
+def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok: bool = False) -> list[str]:
+    """The data files of one split, sorted (their order is part of the data order). missing_ok: [] when a
+    directory has no such split. `what` names the config key in errors."""
     if not path:
-        raise ValueError("dataset.path is empty: set it to a .jsonl file, a directory or hg://org/name")
+        raise ValueError(f"{what} is empty: set it to a .jsonl file, a directory or hg://org/name")
     if path.startswith("hg://"):
-        path = hub_snapshot(path)
+        path = hub_snapshot(path, what)
     if os.path.isfile(path):
         return [os.path.abspath(path)]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"dataset.path {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     exts = ("jsonl", "parquet")
     for patterns in ([f"{split}.{e}" for e in exts],
                      [f"{split}/**/*.{e}" for e in exts],
@@ -142,6 +152,8 @@ def resolve_files(path: str, split: str) -> list[str]:
         files = sorted({os.path.abspath(f) for p in patterns for f in glob.glob(os.path.join(path, p), recursive=True)})
         if files:
             return files
+    if missing_ok:
+        return []
     raise FileNotFoundError(f"no data for split '{split}' in {path}: expected {split}.jsonl, {split}/**/*.jsonl "
                             f"or **/{split}-*.jsonl (or .parquet)")
 
@@ -440,21 +452,178 @@ def _is_builder(rank):
     return True
 
 
-def load_data(cfg: DatasetConfig, tokenizer, split: str, rank: int = 0) -> TokenizedData:
-    """The split's tokenized cache: built (or downloaded, for hg://) by the builder first, opened by all."""
-    if os.path.isfile(cfg.path) and split != cfg.train_split:  # never validate on the training file by accident
-        raise ValueError(f"dataset.path {cfg.path} is one file, the '{cfg.train_split}' split; a '{split}' split "
+def split_files(cfg: DatasetConfig, split: str, what: str = "dataset.path", missing_ok: bool = False) -> list[str]:
+    """resolve_files for cfg.path, where one file is the train split only (never validate on it by accident)."""
+    if os.path.isfile(cfg.path) and split != cfg.train_split:
+        if missing_ok:
+            return []
+        raise ValueError(f"{what} {cfg.path} is one file, the '{cfg.train_split}' split; a '{split}' split "
                          "needs a directory with both (or set valid_split: '')")
+    return resolve_files(cfg.path, split, what, missing_ok)
+
+
+def load_data(cfg: DatasetConfig, tokenizer, split: str, rank: int = 0, what: str = "dataset.path",
+              missing_ok: bool = False) -> TokenizedData | None:
+    """The split's tokenized cache: built (or downloaded, for hg://) by the builder first, opened by all.
+    missing_ok: None when cfg.path has no such split (a source of dataset.sources without a validation split)."""
     builder = _is_builder(rank)
     if builder:
-        files = resolve_files(cfg.path, split)
-        out_dir = cache_path(files, cfg, tokenizer, split)
-        if not os.path.isdir(out_dir):
+        files = split_files(cfg, split, what, missing_ok)
+        out_dir = cache_path(files, cfg, tokenizer, split) if files else None
+        if out_dir and not os.path.isdir(out_dir):
             build_cache(files, cfg, tokenizer, out_dir)
     _dist_barrier()
     if not builder:
-        out_dir = cache_path(resolve_files(cfg.path, split), cfg, tokenizer, split)
-    return TokenizedData(out_dir)
+        files = split_files(cfg, split, what, missing_ok)
+        out_dir = cache_path(files, cfg, tokenizer, split) if files else None
+    return TokenizedData(out_dir) if out_dir else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixing: dataset.sources -> one dataset that plan_epoch, collate and Loader read like a TokenizedData
+
+SOURCE_KEYS = ("path", "weight", "name", "src_field", "tgt_field", "messages_field", "chat_mode")
+MIX_SALT = 0x6D6978  # the picks' random stream is not plan_epoch's ([seed, epoch])
+
+
+@dataclass
+class Source:
+    where: str            # dataset.sources[i], for errors
+    name: str
+    weight: float
+    cfg: DatasetConfig    # the dataset config that reads this source: its path and field overrides, no sources
+
+
+def source_configs(cfg: DatasetConfig) -> list[Source]:
+    """dataset.sources, checked (one-line errors naming the key), each as the DatasetConfig that reads it."""
+    if cfg.path:
+        raise ValueError("dataset.path and dataset.sources are both set: use one or the other (dataset.path: '' "
+                         "with sources; a single dataset can be one entry of sources)")
+    if cfg.generate_demo:
+        raise ValueError("dataset.generate_demo writes demo data to dataset.path: not usable with dataset.sources")
+    out = []
+    for i, entry in enumerate(cfg.sources):
+        where = f"dataset.sources[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping {{path, weight, ...}}, got {entry!r}")
+        for k in entry:
+            if k not in SOURCE_KEYS:
+                raise ValueError(f"{where}: unknown key '{k}' (valid: {', '.join(SOURCE_KEYS)})")
+        path = entry.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"{where}.path is required: a .jsonl file, a directory or hg://org/name")
+        weight = entry.get("weight", 1.0)
+        try:  # YAML reads 2e-1 as a string
+            weight = float(weight) if not isinstance(weight, bool) else None
+        except (TypeError, ValueError):
+            weight = None
+        if weight is None or not 0 < weight < float("inf"):
+            raise ValueError(f"{where}.weight must be a number > 0 (2 = every example twice per epoch, 0.5 = a "
+                             f"fixed half), got {entry.get('weight')!r}")
+        overrides = {k: entry[k] for k in SOURCE_KEYS[3:] if k in entry}
+        for k, v in overrides.items():
+            if type(v) is not type(getattr(cfg, k)):
+                raise ValueError(f"{where}.{k} must be a {type(getattr(cfg, k)).__name__}, got {v!r}")
+        name = entry.get("name", os.path.basename(path.rstrip("/")).removesuffix(".jsonl").removesuffix(".parquet"))
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}.name must be a non-empty string, got {name!r}")
+        out.append(Source(where, name, weight, dataclasses.replace(cfg, path=path, sources=[], **overrides)))
+    return out
+
+
+def mix_picks(n: int, weight: float, seed: int, source: int) -> np.ndarray:
+    """The examples (indices into a source of n) that every epoch holds: each one int(weight) times, plus a fixed
+    random subset for the fraction, round(weight * n) in all. Drawn once per run from the loader seed and the
+    source's index alone, so every rank, and a resumed run, draws the same ones. Not redrawn per epoch: a new
+    subset would change the epoch's lengths, hence its number of packed batches, and Loader's (epoch, index)
+    position and constant batches_per_epoch would no longer name the same batches."""
+    whole = int(weight)
+    extra = int(weight * n + 0.5) - whole * n
+    rng = np.random.default_rng([seed, source, MIX_SALT])
+    return np.concatenate([np.tile(np.arange(n), whole), np.sort(rng.choice(n, extra, replace=False))])
+
+
+class _Concat:
+    """1-D arrays read as if laid end to end, for collate's gathers (tokens[idx], mask[idx + 1])."""
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx)
+        part = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty(idx.shape, self.arrays[0].dtype)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.arrays[p][idx[sel] - self.starts[p]]
+        return out
+
+
+class MixedData:
+    """The sources of one split as one dataset: example i is example local[i] of parts[source[i]]. Like a
+    TokenizedData it has lengths, example(i), meta and, for collate, tokens / mask / offsets over the parts' caches
+    laid end to end (offsets[i] is where example i starts; the end is offsets[i] + lengths[i] + 1)."""
+    def __init__(self, sources: list[Source], parts: list[TokenizedData], picks: list[np.ndarray]):
+        self.parts = parts
+        self.source = np.concatenate([np.full(len(p), s) for s, p in enumerate(picks)])
+        self.local = np.concatenate(picks)
+        self.tokens, self.mask = _Concat([p.tokens for p in parts]), _Concat([p.mask for p in parts])
+        self.offsets = self.tokens.starts[self.source] + np.concatenate([d.offsets[p] for d, p in zip(parts, picks)])
+        self.lengths = np.concatenate([d.lengths[p] for d, p in zip(parts, picks)])
+        self.directory = os.path.commonpath([d.directory for d in parts])
+        metas = [d.meta for d in parts]
+        self.meta = {"files": [f for m in metas for f in m["files"]], "num_read": sum(m["num_read"] for m in metas),
+                     "num_examples": len(self.lengths), "num_kept": sum(len(d) for d in parts),
+                     "max_id": max(m["max_id"] for m in metas),
+                     "num_label_tokens": sum(_label_tokens(d, p) for d, p in zip(parts, picks)),
+                     "truncated": sum(m["truncated"] for m in metas),
+                     "drops": dict(sorted(sum((Counter(m["drops"]) for m in metas), Counter()).items())),
+                     "build_seconds": round(sum(m["build_seconds"] for m in metas), 3),
+                     "sources": [{"name": s.name, "path": s.cfg.path, "weight": s.weight, "kept": len(d),
+                                  "count": len(p), "drops": d.meta["drops"], "cache": d.directory}
+                                 for s, d, p in zip(sources, parts, picks)]}
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def example(self, i) -> tuple[np.ndarray, np.ndarray]:
+        return self.parts[self.source[i]].example(self.local[i])
+
+
+def _label_tokens(d: TokenizedData, picks: np.ndarray) -> int:
+    """Supervised tokens (mask[1:] of each example) of the picked examples."""
+    whole = len(picks) // len(d)
+    if len(picks) == whole * len(d):  # each example `whole` times: no need to read the mask
+        return whole * d.meta["num_label_tokens"]
+    starts, n = d.offsets[:-1], len(d)
+    k = max(1, (1 << 24) // (int(d.lengths.max()) + 1))  # examples per piece: <= 16M mask bytes in int64 at a time
+    per_example = np.concatenate([np.add.reduceat(d.mask[starts[a]:d.offsets[min(a + k, n)]].astype(np.int64),
+                                                  starts[a:a + k] - starts[a]) for a in range(0, n, k)])
+    return int((per_example - d.mask[starts])[picks].sum())
+
+
+def load_mixture(cfg: DatasetConfig, tokenizer, split: str, rank: int = 0, seed: int = 0) -> MixedData:
+    """dataset.sources of one split: the train split weighted (mix_picks), another split unweighted, from the
+    sources that have it (the others are reported and skipped)."""
+    weighted = split == cfg.train_split
+    kept = []
+    for i, src in enumerate(source_configs(cfg)):
+        d = load_data(src.cfg, tokenizer, split, rank, f"{src.where}.path", missing_ok=not weighted)
+        if d is None:
+            if rank == 0:
+                print(f"data[{split}]: source {src.name} ({src.cfg.path}) has no '{split}' split: skipped", flush=True)
+            continue
+        picks = mix_picks(len(d), src.weight, seed, i) if weighted else np.arange(len(d))
+        if not len(picks):
+            raise ValueError(f"{src.where}.weight={src.weight:g} keeps 0 of its {len(d)} examples: raise it")
+        kept.append((dataclasses.replace(src, weight=src.weight if weighted else 1.0), d, picks))
+    if not kept:
+        raise FileNotFoundError(f"no entry of dataset.sources has a '{split}' split: add one to a source, or set "
+                                "dataset.valid_split: ''")
+    return MixedData(*map(list, zip(*kept)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -649,14 +818,16 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "batches_per_epoch": self.batches_per_epoch}
+                "batches_per_epoch": self.batches_per_epoch, "examples_per_epoch": len(self.data)}
 
     def load_state_dict(self, sd: dict) -> None:
-        if (sd.get("batches_per_epoch", self.batches_per_epoch), sd.get("seed", self.seed)) != \
-                (self.batches_per_epoch, self.seed):
-            raise ValueError(f"data loader state (seed {sd.get('seed')}, {sd.get('batches_per_epoch')} batches/epoch) "
-                             f"does not match this loader (seed {self.seed}, {self.batches_per_epoch}): the seed, the "
-                             "dataset or the batching options changed since the checkpoint")
+        mine = (self.seed, self.batches_per_epoch, len(self.data))
+        theirs = (sd.get("seed", mine[0]), sd.get("batches_per_epoch", mine[1]), sd.get("examples_per_epoch", mine[2]))
+        if theirs != mine:
+            raise ValueError(f"data loader state (seed {theirs[0]}, {theirs[1]} batches and {theirs[2]} examples per "
+                             f"epoch) does not match this loader (seed {mine[0]}, {mine[1]} batches, {mine[2]} "
+                             "examples): the seed, the dataset, its weights or the batching options changed since the "
+                             "checkpoint")
         self.close()
         self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
 
@@ -669,6 +840,8 @@ class Loader:
 
 
 def check_config(cfg: DatasetConfig) -> None:
+    if cfg.sources:
+        source_configs(cfg)
     for name in ("source_encode_mode", "target_encode_mode"):
         if getattr(cfg, name) not in ENCODE_MODES:
             raise ValueError(f"dataset.{name}={getattr(cfg, name)!r}: expected one of {', '.join(ENCODE_MODES)}")
@@ -697,7 +870,7 @@ def build_loader(cfg: DatasetConfig, tokenizer, split: str, rank=0, world_size=1
         if _is_builder(rank) and (not _has_data(cfg.path) or stale):
             make_demo_data(cfg.path, seed=0, **demo)
         _dist_barrier()
-    data = load_data(cfg, tokenizer, split, rank)
+    data = load_mixture(cfg, tokenizer, split, rank, seed) if cfg.sources else load_data(cfg, tokenizer, split, rank)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # pads are never labels
     loader = Loader(data, cfg, rank, world_size, seed, device, infinite, pad_id)
     if rank == 0:
@@ -705,10 +878,14 @@ def build_loader(cfg: DatasetConfig, tokenizer, split: str, rank=0, world_size=1
         mode = f"packed {rows_per_batch(cfg)}x{cfg.max_seq_len}" if cfg.packing else \
             f"static {cfg.batch_size}" if cfg.batch_size else f"dynamic {cfg.max_num_tokens} tokens"
         frac = real_token_fraction(loader.plan(0), data.lengths, cfg)
-        print(f"data[{split}]: {len(data)} examples of {m['num_read']} read from {len(m['files'])} file(s), "
+        weighted = f" ({m['num_kept']} kept, weighted)" if m.get("num_kept", len(data)) != len(data) else ""
+        print(f"data[{split}]: {len(data)} examples{weighted} of {m['num_read']} read from {len(m['files'])} file(s), "
               f"dropped {m['drops'] or 'none'}; {int(data.lengths.sum())} tokens, {m['num_label_tokens']} supervised; "
               f"{loader.batches_per_epoch} {mode} batches/epoch, {frac:.1%} real tokens; cache {data.directory}",
               flush=True)
+        for src in m.get("sources", []):
+            print(f"  source {src['name']}: {src['kept']} examples kept x weight {src['weight']:g} = {src['count']} "
+                  f"per epoch; dropped {src['drops'] or 'none'}; {src['path']}; cache {src['cache']}", flush=True)
     return loader
 
 
@@ -779,7 +956,9 @@ def main(argv):
     for split in [cfg.train_split] + ([cfg.valid_split] if cfg.valid_split else []):
         loader = build_loader(cfg, tokenizer, split, infinite=split == cfg.train_split)
         data, m = loader.data, loader.data.meta
-        print(f"\n== {split}: {m['num_read']} examples read, {len(data)} kept ({m['truncated']} truncated); "
+        kept = f"{len(data)} kept" if m.get("num_kept", len(data)) == len(data) else \
+            f"{m['num_kept']} kept, {len(data)} per epoch with the weights"
+        print(f"\n== {split}: {m['num_read']} examples read, {kept} ({m['truncated']} truncated); "
               f"dropped by reason: {m['drops'] or 'none'}")
         print(f"   {int(data.lengths.sum())} tokens ({m['num_label_tokens']} supervised), "
               f"mean {data.lengths.mean():.1f}, max {data.lengths.max()} per example; "

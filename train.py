@@ -221,8 +221,9 @@ def validate(cfg: Config):
     tok = cfg.tokenizer.path
     if tok and tok != "byte" and not tok.startswith("hg://") and not Path(tok).exists():
         raise FileNotFoundError(f"tokenizer.path not found: {tok}")
-    check(bool(ds.path), "dataset.path is required (a .jsonl file, a directory or hg://org/name)")
-    if not ds.generate_demo and not ds.path.startswith("hg://") and not Path(ds.path).exists():
+    check(bool(ds.path or ds.sources), "dataset.path is required (a .jsonl file, a directory or hg://org/name), "
+                                       "or dataset.sources (a list of {path, weight, ...})")
+    if ds.path and not ds.generate_demo and not ds.path.startswith("hg://") and not Path(ds.path).exists():
         raise FileNotFoundError(f"dataset.path not found: {ds.path} (dataset.generate_demo=true writes demo data there)")
     data.check_config(ds)  # batching options (e.g. max_num_tokens < max_seq_len)
     check(r.num_steps >= 1, f"regime.num_steps must be >= 1, got {r.num_steps}")
@@ -432,15 +433,26 @@ def export_checkpoint(ckpt_dir: str, out_dir: str):
 
 def load_eval_examples(cfg: Config) -> list[dict]:
     """GSM8K-format rows {"question", "answer"} of evaluation.split (src_field / tgt_field mapped), read with data.py's
-    file layout rules (a .jsonl path, or a split of dataset.path: <split>.jsonl, hg://...)."""
+    file layout rules (a .jsonl path, or a split of dataset.path: <split>.jsonl, hg://...). With dataset.sources: the
+    split of every source that has it, each with its own field names."""
     e, ds = cfg.evaluation, cfg.dataset
-    files = [e.split] if e.split.endswith(".jsonl") else data.resolve_files(ds.path, e.split)
-    rows = [data.parse_record(where, raw) for f in files for where, raw in data.read_records(f)]
+    if e.split.endswith(".jsonl"):
+        groups = [(ds, [e.split])]
+    elif ds.sources:
+        groups = [(s.cfg, files) for s in data.source_configs(ds)
+                  if (files := data.split_files(s.cfg, e.split, f"{s.where}.path", missing_ok=True))]
+        if not groups:
+            raise FileNotFoundError(f"evaluation.split={e.split}: no entry of dataset.sources has a '{e.split}' split; "
+                                    "set evaluation.split to a split one has, or to a .jsonl path")
+    else:
+        groups = [(ds, data.resolve_files(ds.path, e.split))]
+    rows = [(c, data.parse_record(where, raw))
+            for c, files in groups for f in files for where, raw in data.read_records(f)]
     rows = rows[:e.limit] if e.limit else rows
-    for i, row in enumerate(rows):
-        if ds.src_field not in row or ds.tgt_field not in row:
-            raise ValueError(f"evaluation.split={e.split}: example {i} lacks field {ds.src_field!r} or {ds.tgt_field!r}")
-    return [{"question": row[ds.src_field], "answer": row[ds.tgt_field]} for row in rows]
+    for i, (c, row) in enumerate(rows):
+        if c.src_field not in row or c.tgt_field not in row:
+            raise ValueError(f"evaluation.split={e.split}: example {i} lacks field {c.src_field!r} or {c.tgt_field!r}")
+    return [{"question": row[c.src_field], "answer": row[c.tgt_field]} for c, row in rows]
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}  # dense, per GPU

@@ -1,11 +1,14 @@
 """data.py: formats, masks, sources (file, dir, hg://, parquet), length rules, the three batching modes, packing
-isolation through the model, distributed striding, resume, bad input, the cache, the demo data and the report.
+isolation through the model, distributed striding, resume, weighted mixing of dataset.sources, bad input, the cache,
+the demo data and the report.
 
     python3 -m pytest -q -x tests/test_data.py
 """
 import dataclasses
 import json
 import os
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -41,6 +44,28 @@ def qa_rows(n, seed=0):
 def cfg_for(tmp_path, path, **kw):
     kw.setdefault("num_prefetch", 0)
     return DatasetConfig(path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def mixed_cfg(tmp_path, sources, **kw):
+    kw.setdefault("num_prefetch", 0)
+    return DatasetConfig(sources=sources, cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def dataset_cfg(kind, tmp_path, qa_dir, **kw):
+    """qa_dir as dataset.path, or as dataset.sources mixed with a second source (weights 1.5 and 0.5)."""
+    if kind == "path":
+        return cfg_for(tmp_path, qa_dir, **kw)
+    other = write_jsonl(tmp_path / "other" / "train.jsonl", qa_rows(61, seed=2))
+    return mixed_cfg(tmp_path, [{"path": str(qa_dir), "weight": 1.5}, {"path": other, "weight": 0.5}], **kw)
+
+
+def tagged_rows(tag, n, src="src", tgt="tgt"):
+    """Examples whose prompt starts with [<tag><i>], so a batch's text tells which source and example it holds."""
+    return [{src: f"[{tag}{i}] " + "x" * (i % 7), tgt: f"ok {i}"} for i in range(n)]
+
+
+def tags_of(batches, tok):
+    return Counter(t for b in batches for row in b.tokens.tolist() for t in re.findall(r"\[(\w\d+)\]", tok.decode(row)))
 
 
 def one_epoch(loader):
@@ -294,8 +319,9 @@ def test_packing_isolation_matches_unpacked_loss(tmp_path, tok, qa_dir):
 
 # ------------------------------------------------------------------------------------------------ distributed, resume
 
-def test_global_batches_strided_over_ranks(tmp_path, tok, qa_dir):
-    cfg = cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4)
+@pytest.mark.parametrize("kind", ["path", "sources"])
+def test_global_batches_strided_over_ranks(tmp_path, tok, qa_dir, kind):
+    cfg = dataset_cfg(kind, tmp_path, qa_dir, max_seq_len=64, batch_size=4)
     single = build_loader(cfg, tok, "train")
     stream = [next(single) for _ in range(2 * single.batches_per_epoch + 3)]  # crosses two epoch boundaries
     ranks = [build_loader(cfg, tok, "train", rank=r, world_size=2) for r in range(2)]
@@ -311,8 +337,9 @@ def test_global_batches_strided_over_ranks(tmp_path, tok, qa_dir):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("world", [1, 2])
-def test_resume_identical_batches(tmp_path, tok, qa_dir, mode, world):
-    cfg = cfg_for(tmp_path, qa_dir, max_seq_len=64, num_prefetch=2, **MODES[mode])
+@pytest.mark.parametrize("kind", ["path", "sources"])
+def test_resume_identical_batches(tmp_path, tok, qa_dir, mode, world, kind):
+    cfg = dataset_cfg(kind, tmp_path, qa_dir, max_seq_len=64, num_prefetch=2, **MODES[mode])
     k = 7
     for r in range(world):
         ref = build_loader(cfg, tok, "train", rank=r, world_size=world, seed=3)
@@ -369,6 +396,140 @@ def test_prefetch_errors_surface(tmp_path, tok, qa_dir, monkeypatch):
     monkeypatch.setattr(data, "collate", boom)
     with pytest.raises(RuntimeError, match="collate failed"):
         next(loader)
+
+
+# ------------------------------------------------------------------------------------------------ mixing
+
+def test_mix_weights_give_exact_counts_every_epoch(tmp_path, tok, capsys):
+    weights = {"a": 1, "b": 2, "c": 0.5, "d": 2.5}
+    sources = [{"path": write_jsonl(tmp_path / f"{t}.jsonl", tagged_rows(t, 10)), "weight": w}
+               for t, w in weights.items()]
+    cfg = mixed_cfg(tmp_path, sources, max_seq_len=64, batch_size=2, train_on_prompt=True)  # mask[0] is 1 too
+    loader = build_loader(cfg, tok, "train")
+    assert "source c: 10 examples kept x weight 0.5 = 5 per epoch" in capsys.readouterr().out
+    assert len(loader.data) == 10 + 20 + 5 + 25
+    epochs = [one_epoch(loader) for _ in range(2)]
+    tags = [tags_of(e, tok) for e in epochs]
+    assert tags[0] == tags[1]  # the same multiset every epoch: the fractions are drawn once per run
+    assert [b.tokens.tolist() for b in epochs[0]] != [b.tokens.tolist() for b in epochs[1]]  # but reshuffled
+    times = {t: Counter(k for tag, k in tags[0].items() if tag[0] == t) for t in weights}  # times seen -> examples
+    assert times == {"a": {1: 10}, "b": {2: 10}, "c": {1: 5}, "d": {2: 5, 3: 5}}
+    assert sum(b.num_label_tokens for b in epochs[0]) == loader.data.meta["num_label_tokens"]
+
+
+def test_mix_selection_depends_on_seed_only(tmp_path, tok):
+    sources = [{"path": write_jsonl(tmp_path / "a.jsonl", tagged_rows("a", 40)), "weight": 0.5},
+               {"path": write_jsonl(tmp_path / "b.jsonl", tagged_rows("b", 40)), "weight": 1.5}]
+    cfg = mixed_cfg(tmp_path, sources, max_seq_len=64)
+
+    def picked(**kw):
+        d = build_loader(cfg, tok, "train", **kw).data
+        return sorted(tok.decode(d.example(i)[0].tolist()) for i in range(len(d)))
+    ref = picked(seed=5)
+    assert len(ref) == 20 + 60
+    assert picked(seed=5, rank=1, world_size=2) == ref and picked(seed=5) == ref  # every rank, every construction
+    assert picked(seed=6) != ref
+
+
+def test_mix_resume_refuses_changed_weights(tmp_path, tok):
+    """A checkpoint's loader state names its epoch size: resuming after a weight change is an error, not a silent
+    continuation on another mixture (here the batch count per epoch happens to stay the same)."""
+    a = write_jsonl(tmp_path / "a.jsonl", tagged_rows("a", 40))
+    old = build_loader(mixed_cfg(tmp_path, [{"path": a, "weight": 1.0}], batch_size=64, packing=False), tok, "train")
+    new = build_loader(mixed_cfg(tmp_path, [{"path": a, "weight": 1.5}], batch_size=64, packing=False), tok, "train")
+    assert old.batches_per_epoch == new.batches_per_epoch == 1
+    new.load_state_dict(new.state_dict())
+    with pytest.raises(ValueError, match="40 examples per epoch.*60 examples.*weights"):
+        new.load_state_dict(old.state_dict())
+
+
+def test_mix_per_source_fields(tmp_path, tok):
+    qa = {"question": "What is 2+3?", "answer": "5\n#### 5"}
+    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [qa])
+    sources = [{"path": gsm, "src_field": "question", "tgt_field": "answer", "name": "gsm8k"},
+               {"path": write_jsonl(tmp_path / "st.jsonl", [{"src": "hi", "tgt": "there"}])},
+               {"path": write_jsonl(tmp_path / "chat.jsonl", [{"conversation": conv}]),
+                "messages_field": "conversation"},
+               {"path": gsm, "src_field": "question", "tgt_field": "answer", "chat_mode": True}]
+    loader = build_loader(mixed_cfg(tmp_path, sources, shuffle=False, packing=False, batch_size=1), tok, "train")
+    expect = [(tok.encode(qa["question"], bos=True) + tok.encode(qa["answer"], eos=True), None),
+              (tok.encode("hi", bos=True) + tok.encode("there", eos=True), None),
+              tuple(map(list, tok.render_chat(conv))),
+              tuple(map(list, tok.render_chat([{"role": "user", "content": qa["question"]},
+                                               {"role": "assistant", "content": qa["answer"]}])))]
+    for i, (ids, mask) in enumerate(expect):
+        got_ids, got_mask = example_of(loader, i)
+        assert got_ids == ids and (mask is None or got_mask == mask)
+        assert next(loader).tokens[0].tolist() == ids[:-1]  # collate reads each source's cache
+    meta = loader.data.meta["sources"]
+    assert [m["name"] for m in meta] == ["gsm8k", "st", "chat", "gsm"]
+    assert meta[0]["cache"] != meta[3]["cache"]  # the same file read another way has its own cache
+
+
+def test_mix_validation_split_and_eval_examples(tmp_path, tok, capsys):
+    import train
+    write_jsonl(tmp_path / "a" / "train.jsonl", tagged_rows("a", 6))
+    write_jsonl(tmp_path / "a" / "valid.jsonl", tagged_rows("v", 3))
+    write_jsonl(tmp_path / "q" / "train.jsonl", tagged_rows("q", 4, "question", "answer"))
+    write_jsonl(tmp_path / "q" / "valid.jsonl", tagged_rows("w", 2, "question", "answer"))
+    write_jsonl(tmp_path / "b" / "train.jsonl", tagged_rows("b", 4))  # a directory without a valid split
+    one_file = write_jsonl(tmp_path / "c.jsonl", tagged_rows("c", 4))  # one file: the train split only
+    sources = [{"path": str(tmp_path / "a"), "weight": 2},
+               {"path": str(tmp_path / "q"), "src_field": "question", "tgt_field": "answer"},
+               {"path": str(tmp_path / "b")}, {"path": one_file, "weight": 0.5}]
+    cfg = mixed_cfg(tmp_path, sources, valid_split="valid", max_seq_len=64, batch_size=2)
+    valid = build_loader(cfg, tok, "valid", infinite=False)
+    out = capsys.readouterr().out
+    assert "source b" in out and "source c" in out and out.count("has no 'valid' split: skipped") == 2
+    assert tags_of(list(valid), tok) == {t: 1 for t in ("v0", "v1", "v2", "w0", "w1")}  # all, unweighted
+    with pytest.raises(FileNotFoundError, match="no entry of dataset.sources has a 'test' split"):
+        build_loader(cfg, tok, "test", infinite=False)
+
+    c = train.Config(dataset=cfg, evaluation=train.EvaluationConfig(split="valid"))
+    rows = train.load_eval_examples(c)  # each source's own field names
+    assert [r["question"].split("]")[0] for r in rows] == ["[v0", "[v1", "[v2", "[w0", "[w1"]
+    assert rows[3]["answer"] == "ok 0"
+    c.evaluation.split = "test"
+    with pytest.raises(FileNotFoundError, match="no entry of dataset.sources has a 'test' split"):
+        train.load_eval_examples(c)
+
+
+def test_mix_config_errors(tmp_path, tok, qa_dir):
+    f = write_jsonl(tmp_path / "d.jsonl", qa_rows(10))
+    cases = [([{"path": f}], dict(path=f), "dataset.path and dataset.sources are both set: use one or the other"),
+             ([{"path": f}, {"path": f, "wieght": 2}], {},
+              r"dataset.sources\[1\]: unknown key 'wieght' \(valid: path, weight, "),
+             ([{"path": f, "weight": 0}], {}, r"dataset.sources\[0\].weight must be a number > 0"),
+             ([{"path": f, "weight": -1.5}], {}, r"dataset.sources\[0\].weight must be a number > 0"),
+             ([{"path": f, "weight": "lots"}], {}, r"dataset.sources\[0\].weight must be a number > 0"),
+             ([{"path": f, "weight": True}], {}, r"dataset.sources\[0\].weight must be a number > 0"),
+             ([{"path": f}, {"weight": 2}], {}, r"dataset.sources\[1\].path is required"),
+             ([f], {}, r"dataset.sources\[0\] must be a mapping"),
+             ([{"path": f, "chat_mode": "yes"}], {}, r"dataset.sources\[0\].chat_mode must be a bool"),
+             ([{"path": f}], dict(generate_demo=True), "generate_demo .* not usable with dataset.sources"),
+             ([{"path": f, "weight": 0.01}], {}, r"dataset.sources\[0\].weight=0.01 keeps 0 of its 10 examples"),
+             ([{"path": f}, {"path": str(tmp_path / "nope")}], {}, r"dataset.sources\[1\].path .*nope does not exist")]
+    for sources, extra, msg in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=msg):
+            build_loader(dataclasses.replace(mixed_cfg(tmp_path, sources), **extra), tok, "train")
+    assert len(build_loader(mixed_cfg(tmp_path, [{"path": f, "weight": "5e-1"}]), tok, "train").data) == 5  # YAML str
+
+
+def test_mix_trains_end_to_end(tmp_path):
+    """train.py with two sources (GSM8K-style question/answer and src/tgt): trains, validates, writes metrics."""
+    from test_train import tiny_cfg, train_in_process
+    data.make_demo_data(tmp_path / "add", n_train=60, n_valid=8, max_value=99)
+    st = write_jsonl(tmp_path / "st.jsonl", qa_rows(30))
+    sources = [{"path": str(tmp_path / "add"), "weight": 1.5}, {"path": st, "src_field": "src", "tgt_field": "tgt"}]
+    d = tiny_cfg({"path": "", "cache_dir": str(tmp_path / "cache")}, tmp_path / "out",
+                 dataset={"sources": sources}, regime={"num_steps": 3},
+                 evaluation={"split": "valid", "limit": 2, "max_new_tokens": 4, "at_start": False})
+    result = train_in_process(d, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert result["step"] == 3 and np.isfinite(result["val_loss"]) and result["eval"]["total"] == 2
 
 
 # ------------------------------------------------------------------------------------------------ bad input
