@@ -341,6 +341,14 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX)))
 
 
+@contextlib.contextmanager
+def quiet_single_process_dcp():
+    # One process (one GPU, or CPU) has no process group; DCP warns about that on every save and load.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_loader, extra: dict, keep_last: int):
     """Sharded DCP save of model + optimizer (each rank writes its own shards; nothing gathered) into step_N.tmp,
     renamed to step_N only when every rank is done, so a crash mid-write leaves the previous checkpoint the newest.
@@ -353,7 +361,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_loader, 
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with quiet_single_process_dcp():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save(rng, tmp / f"rng_rank{rank}.pt")
@@ -375,7 +384,8 @@ def load_checkpoint(path: Path, model, optimizer, train_loader) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes empty AdamW state so it has a layout
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with quiet_single_process_dcp():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file (loader state, config)
     train_loader.load_state_dict(trainer_state["loader"])
