@@ -3,6 +3,7 @@
     python generate.py MODEL --prompt "Once upon a time"                      # greedy (temperature 0)
     python generate.py MODEL --chat --system "Be brief." --prompt "Hi!" --temperature 0.7 --top-p 0.9 --seed 0
     python generate.py MODEL --gsm8k test.jsonl --limit 200 --batch-size 16 --output pred.jsonl
+    python generate.py MODEL --gsm8k test.jsonl --batch-size 16 --compile   # compiled decode step (module doc)
 
 MODEL is a Hugging Face directory (config.json + safetensors, or Meta consolidated.*.pth + params.json; tokenizer
 files beside them), a train.py checkpoint (OUT/checkpoints/step_N/), or a train.py output directory OUT (the newer
@@ -18,12 +19,20 @@ Batching: prompts of different lengths are right-padded for one prefill; every s
 own position (cache slot = position; pad slots are overwritten before any query can see them), and sequences
 that stop are dropped from the batch. Under FSDP, every rank runs the same number of forward calls (see
 `generate(sync_ranks=...)` and `evaluate_gsm8k`).
+
+--compile (`generate(compile=True)`): the one-token decode step (the whole model forward) is one torch.compile'd
+graph with static shapes, as in gpt-fast: stopped sequences stay in the batch (their tokens are ignored) and the
+KV cache length is rounded up to a multiple of CACHE_MULTIPLE, so one graph serves a whole generation and later
+calls with the same batch size and rounded length. CUDA graphs ("reduce-overhead") on CUDA, inductor's default
+mode on CPU. The prefill runs eagerly (its length varies).
 """
 import argparse
+import contextlib
 import json
 import math
 import re
 import sys
+import weakref
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -70,13 +79,50 @@ def sample(logits, temperature, top_p, generator, vocab_size=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+CACHE_MULTIPLE = 256  # compile=True: KV cache lengths round up to this, so prompts of other lengths reuse the graph
+RECOMPILE_LIMIT = 64  # compile=True: graphs (batch size x cache length) one process may compile
+# compile=True: each model's last KV cache, reused while its shape fits. CUDA graphs replay on the addresses they
+# recorded; a new cache in every call would make them re-record.
+_STATIC_CACHES = weakref.WeakKeyDictionary()
+
+
+def cache_length(needed: int, max_seq_len: int, compile: bool) -> int:
+    """KV cache slots for `needed` tokens (longest prompt + max_new_tokens), never past the model's context. A
+    compiled decode step's shapes include the cache length: compile rounds it up to a multiple of CACHE_MULTIPLE."""
+    if compile:
+        needed = -(-needed // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    return min(needed, max_seq_len)
+
+
+def _static_cache(model, batch_size: int, max_len: int, device, dtype) -> model_lib.KVCache:
+    """The model's KV cache of this shape for compile=True: the last one if it fits (zeroed), else a new one."""
+    cache = _STATIC_CACHES.get(model)
+    shape = (batch_size, model.args.n_kv_heads, max_len, model.args.head_dim)
+    if cache is not None and cache.k[0].shape == shape and cache.k[0].dtype == dtype and cache.k[0].device == device:
+        cache.zero_()  # stale slots are masked, but a stale inf would still turn 0 * inf into NaN
+        return cache
+    cache = model_lib.KVCache(model.args, batch_size, max_len, device, dtype)
+    for t in cache.k + cache.v:
+        torch._dynamo.mark_static_address(t)  # CUDA graphs read and write it in place instead of copying it
+    _STATIC_CACHES[model] = cache
+    return cache
+
+
+def _decode_step(model, tokens, positions, cache):
+    """One new token per row: tokens, positions (B, 1) -> logits (B, V). What compile=True compiles."""
+    return model(tokens, positions, cache=cache)[:, -1]
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, temperature=0.0, top_p=1.0,
-             seed=None, vocab_size=None, sync_ranks=False) -> list[list[int]]:
+             seed=None, vocab_size=None, sync_ranks=False, compile=False) -> list[list[int]]:
     """Complete each prompt (token ids); returns the completions only, without the stop token that ended them.
     A sequence also ends after max_new_tokens or at the model's context (max_seq_len). vocab_size: see sample().
     sync_ranks: the model is sharded (FSDP), so all ranks of the default process group must call forward equally
-    often: the loop continues until every rank's sequences are done (one all-reduce per step)."""
+    often: the loop continues until every rank's sequences are done (one all-reduce per step).
+    compile: decode with one compiled graph (see the module doc); greedy ids equal eager's. Sampling draws for the
+    stopped rows too, so seeded samples differ from eager's once a row has stopped. The model's last KV cache
+    stays allocated for the next call."""
     args = model.args
     device = next(model.parameters()).device
     if temperature < 0 or not 0.0 < top_p <= 1.0:
@@ -85,6 +131,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, tem
         if not 0 < len(p) < args.max_seq_len:
             raise ValueError(f"prompt {i} has {len(p)} tokens; it must have 1 to {args.max_seq_len - 1} "
                              f"(the model's context is max_seq_len={args.max_seq_len})")
+    from torch.distributed.fsdp import FSDPModule
+    if compile and isinstance(model, FSDPModule):
+        raise ValueError("compile=True needs an unsharded model (FSDP-sharded generation runs eagerly)")
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
     generator = None
@@ -94,8 +143,20 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, tem
     stop_ids = set(stop_ids)
 
     B, T = len(prompts), max(len(p) for p in prompts)
-    cache_len = min(T + max_new_tokens, args.max_seq_len)
-    cache = model_lib.KVCache(args, B, cache_len, device, compute_dtype(model))
+    cache_len = cache_length(T + max_new_tokens, args.max_seq_len, compile)
+    if compile:
+        cache = _static_cache(model, B, cache_len, device, compute_dtype(model))
+        # fullgraph: a graph break would be an error, not a silent split; dynamic=False: one graph per batch size
+        # and cache length. Dynamo keeps compiled graphs per function, so later calls reuse them.
+        decode_step = torch.compile(_decode_step, fullgraph=True, dynamic=False,
+                                    mode="reduce-overhead" if device.type == "cuda" else None)
+        # Dynamo's recompile_limit (8 graphs per function by default) would make the 9th shape a hard error under
+        # fullgraph: raised while decoding.
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        recompile_limit = torch._dynamo.config.patch(recompile_limit=limit)
+    else:
+        cache = model_lib.KVCache(args, B, cache_len, device, compute_dtype(model))
+        decode_step, recompile_limit = _decode_step, contextlib.nullcontext()
     tokens = torch.zeros(B, T, dtype=torch.long)  # right-padded; pad id 0 is never attended to (see module doc)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p)
@@ -104,29 +165,36 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, tem
     logits = model(tokens.to(device), positions, cache=cache, logits_at=last)  # (B, V)
 
     completions = [[] for _ in prompts]
-    rows = list(range(B))  # rows[j]: the prompt whose sequence is in batch row j
+    rows = list(range(B))  # rows[j]: the prompt whose sequence is in batch row j (None: a stopped or dummy row)
     pos = [len(p) for p in prompts]  # where each row's next input token goes (cache slot = position); on the host
-    for step in range(max_new_tokens):
-        next_ids = sample(logits, temperature, top_p, generator, vocab_size)
-        keep = []  # batch rows that go on
-        for j, (row, t) in enumerate(zip(rows, next_ids.tolist())):  # one host sync per step, like HF's stopping
-            if row is None or t in stop_ids:
-                continue
-            completions[row].append(t)
-            if step + 1 < max_new_tokens and pos[j] + 1 < args.max_seq_len:  # prompt + completion <= context
-                keep.append(j)
-        if step + 1 == max_new_tokens or not _any_rank(bool(keep), sync_ranks):
-            break
-        if not keep:  # done here but not on another rank: one dummy row keeps this rank's forward calls in step
-            keep, rows = [0], [None] * len(rows)
-        if len(keep) < len(rows):  # drop finished sequences so they stop costing compute
-            idx = torch.tensor(keep, device=device)
-            cache.select(idx)
-            rows, next_ids, pos = [rows[j] for j in keep], next_ids[idx], [pos[j] for j in keep]
-        # min() only ever moves a dummy row (its output is ignored): real rows stay below cache_len
-        positions = torch.tensor([[min(p, cache_len - 1)] for p in pos], device=device)  # (b, 1)
-        logits = model(next_ids[:, None], positions, cache=cache)[:, -1]  # (b, V)
-        pos = [p + 1 for p in pos]
+    with recompile_limit:
+        for step in range(max_new_tokens):
+            next_ids = sample(logits, temperature, top_p, generator, vocab_size)
+            keep = []  # batch rows that go on
+            for j, (row, t) in enumerate(zip(rows, next_ids.tolist())):  # one host sync per step, like HF's stopping
+                if row is None or t in stop_ids:
+                    continue
+                completions[row].append(t)
+                if step + 1 < max_new_tokens and pos[j] + 1 < args.max_seq_len:  # prompt + completion <= context
+                    keep.append(j)
+            if step + 1 == max_new_tokens or not _any_rank(bool(keep), sync_ranks):
+                break
+            if compile:  # static shapes: stopped rows stay in the batch, and what they produce is ignored
+                going = set(keep)
+                rows = [row if j in going else None for j, row in enumerate(rows)]
+            else:
+                if not keep:  # done here but not on another rank: one dummy row keeps this rank's forward calls in step
+                    keep, rows = [0], [None] * len(rows)
+                if len(keep) < len(rows):  # drop finished sequences so they stop costing compute
+                    idx = torch.tensor(keep, device=device)
+                    cache.select(idx)
+                    rows, next_ids, pos = [rows[j] for j in keep], next_ids[idx], [pos[j] for j in keep]
+            # min() only ever moves a stopped or dummy row (its output is ignored): real rows stay below cache_len
+            positions = torch.tensor([[min(p, cache_len - 1)] for p in pos], device=device)  # (b, 1)
+            if compile and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits (CUDA graph memory) are consumed
+            logits = decode_step(model, next_ids[:, None], positions, cache)  # (b, V)
+            pos = [p + 1 for p in pos]
     return completions
 
 
@@ -198,11 +266,11 @@ def build_prompt(tokenizer, question: str, chat: bool, system: str | None = None
 
 
 def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_size=16, max_new_tokens=256,
-                   limit=None, system=None, source_encode_mode="prompt") -> dict:
+                   limit=None, system=None, source_encode_mode="prompt", compile=False) -> dict:
     """Greedy exact-match accuracy on GSM8K-format examples ({"question", "answer"} or {"src", "tgt"}).
     With torch.distributed initialized (FSDP-sharded model or not), call it on EVERY rank with the same examples:
     rank r decodes batches r, r+W, ... (a rank short of a batch decodes a filler), all ranks make the same number
-    of forward calls, and every rank returns the same global result."""
+    of forward calls, and every rank returns the same global result. compile: see generate()."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     examples = examples[:limit] if limit is not None else examples
     if not examples:
@@ -219,7 +287,7 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_siz
         b = rank + k * world_size
         batch = batches[b] if b < len(batches) else batches[0][:1]  # filler: same forward count on every rank
         outs = generate(model, [prompts[i] for i in batch], max_new_tokens, tokenizer.stop_ids,
-                        vocab_size=tokenizer.vocab_size, sync_ranks=world_size > 1)
+                        vocab_size=tokenizer.vocab_size, sync_ranks=world_size > 1, compile=compile)
         if b < len(batches):
             local.update(zip(batch, outs))
     model.train(was_training)
@@ -318,6 +386,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", metavar="PRED.jsonl", help="write per-example GSM8K predictions")
     parser.add_argument("--tokenizer", help="tokenizer path or 'byte' (default: the model's, see load_model)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with one torch.compile'd graph (compiling takes seconds to minutes at the start)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
@@ -329,7 +399,7 @@ def main(argv=None):
         model, tokenizer = load_model(args.model, args.device, dtype, args.tokenizer)
         if args.gsm8k:
             result = evaluate_gsm8k(model, tokenizer, load_jsonl(args.gsm8k), args.chat, args.batch_size,
-                                    args.max_new_tokens, args.limit, args.system)
+                                    args.max_new_tokens, args.limit, args.system, compile=args.compile)
             if args.output:
                 with open(args.output, "w") as f:
                     for p in result["predictions"]:
@@ -338,7 +408,7 @@ def main(argv=None):
         else:
             prompt = build_prompt(tokenizer, args.prompt, args.chat, args.system)
             [completion] = generate(model, [prompt], args.max_new_tokens, tokenizer.stop_ids, args.temperature,
-                                    args.top_p, args.seed, vocab_size=tokenizer.vocab_size)
+                                    args.top_p, args.seed, vocab_size=tokenizer.vocab_size, compile=args.compile)
             print(tokenizer.decode(completion))
     except (FileNotFoundError, ValueError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)

@@ -213,15 +213,21 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
 
+    def zero_(self):
+        for t in self.k + self.v:
+            t.zero_()
+
     def select(self, rows: torch.Tensor):
         """Keep only these batch rows (generation drops finished sequences so they stop costing compute)."""
         self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
 
     def update(self, layer: int, positions, k, v):
-        # positions (B,T); k, v (B,KV,T,D) -> the whole cache of this layer, (B,KV,max_len,D)
-        idx = positions.long()[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
+        # positions (B,T); k, v (B,KV,T,D) -> the whole cache of this layer, (B,KV,max_len,D). Row b's token t goes to
+        # slot positions[b, t]: an index_put_ (cache[b, :, p] = ...), which torch.compile updates in place; a
+        # scatter_ there becomes a copy of the whole cache per layer and step.
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B,1), broadcast against positions (B,T)
+        self.k[layer][rows, :, positions] = k.transpose(1, 2)  # indexed shape (B,T,KV,D): advanced dims go first
+        self.v[layer][rows, :, positions] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
 
 

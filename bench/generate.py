@@ -1,12 +1,14 @@
-"""Decode throughput of generate.generate against Hugging Face generate, on the same random-init Llama and prompts.
+"""Decode throughput of generate.generate, eager and compile=True, against Hugging Face generate, on the same
+random-init Llama and prompts.
 
     python bench/generate.py                                    # CPU, fp32: dim 512, 8 layers, vocab 32000
-    python bench/generate.py --device cuda --dtype bfloat16 --compile
+    python bench/generate.py --device cuda --dtype bfloat16     # compiled: CUDA graphs ("reduce-overhead")
     python bench/generate.py --dim 2048 --n-layers 16 --vocab 128256 --device cuda --dtype bfloat16 --new-tokens 256
 
 Greedy, eos disabled, so both decode exactly --new-tokens tokens per sequence. Decode tokens/s excludes the prefill:
-it is B * (N - 1) / (time for N new tokens - time for 1 new token), the best of --repeats runs. The "same" column
-counts sequences whose tokens match HF's exactly (bf16 ties can differ legitimately; fp32 should match).
+it is B * (N - 1) / (time for N new tokens - time for 1 new token), the best of --repeats runs; compilation
+happens in an untimed warm-up run. The "same" columns count sequences whose tokens match HF's exactly (bf16 ties
+can differ legitimately; fp32 should match).
 """
 import os
 import sys
@@ -57,7 +59,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="torch.compile our transformer blocks (in place)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time generate(compile=True), one compiled decode graph (--no-compile: eager and HF only)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default); 1 is steadier on a "
                    "loaded machine, where OpenMP barriers of tiny decode ops stall")
     a = p.parse_args()
@@ -75,22 +78,22 @@ def main():
     hf = transformers.LlamaForCausalLM(cfg).eval().to(dtype)  # both sides read the same (rounded) weights
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = model_lib.load_hf(tmp, dtype=dtype, device=a.device).eval()
+        ours_model = model_lib.load_hf(tmp, dtype=dtype, device=a.device).eval()
     hf = hf.to(a.device)
-    if a.compile:  # in place, per block (as train.py does); shapes vary between prefill and decode: automatic dynamic
-        for layer in ours.layers:
-            layer.compile()
-    n_params = sum(p.numel() for p in ours.parameters())
+    n_params = sum(p.numel() for p in ours_model.parameters())
     print(f"device={a.device} dtype={a.dtype} threads={torch.get_num_threads()} params={n_params / 1e6:.1f}M "
           f"prompt_len={a.prompt_len} new_tokens={a.new_tokens} compile={a.compile} torch={torch.__version__} "
           f"transformers={transformers.__version__}")
-    print(f"| batch | ours tok/s | HF tok/s | ratio | same | tokens equal before the first difference |\n"
-          f"|---|---|---|---|---|---|")
+    variants = [False, True] if a.compile else [False]
+    names = ["ours eager", "ours compiled"][:len(variants)]
+    print("| batch | " + " | ".join(f"{n} tok/s" for n in names) + " | HF tok/s | "
+          + " | ".join(f"{n} / HF" for n in names) + " | " + " | ".join(f"same ({n})" for n in names)
+          + " | tokens equal before the first difference |\n" + "|---" * (3 + 3 * len(variants)) + "|")
     g = torch.Generator().manual_seed(1)
     for bs in a.batch_sizes:
         prompts = torch.randint(0, a.vocab, (bs, a.prompt_len), generator=g)
-        ours_rate, ours_out = decode_rate(
-            lambda n: gen.generate(ours, prompts.tolist(), n, stop_ids=[]), bs, a.new_tokens, a.repeats, a.device)
+        ours = [decode_rate(lambda n: gen.generate(ours_model, prompts.tolist(), n, stop_ids=[], compile=c),
+                            bs, a.new_tokens, a.repeats, a.device) for c in variants]
         x = prompts.to(a.device)
 
         def hf_run(n):
@@ -99,11 +102,12 @@ def main():
                                    min_new_tokens=n, eos_token_id=None, pad_token_id=0)
         hf_rate, hf_out = decode_rate(hf_run, bs, a.new_tokens, a.repeats, a.device)
         hf_out = hf_out[:, a.prompt_len:].tolist()
-        same = sum(o == h for o, h in zip(ours_out, hf_out))
-        prefix = sum(next((i for i, (x, y) in enumerate(zip(o, h)) if x != y), len(o))
-                     for o, h in zip(ours_out, hf_out))
-        print(f"| {bs} | {ours_rate:.1f} | {hf_rate:.1f} | {ours_rate / hf_rate:.2f}x | {same}/{bs} | "
-              f"{prefix / bs:.1f} |")
+        same = [sum(o == h for o, h in zip(out, hf_out)) for _, out in ours]
+        prefix = [sum(next((i for i, (x, y) in enumerate(zip(o, h)) if x != y), len(o)) for o, h in zip(out, hf_out))
+                  for _, out in ours]
+        print(f"| {bs} | " + " | ".join(f"{rate:.1f}" for rate, _ in ours) + f" | {hf_rate:.1f} | "
+              + " | ".join(f"{rate / hf_rate:.2f}x" for rate, _ in ours) + " | "
+              + " | ".join(f"{n}/{bs}" for n in same) + " | " + ", ".join(f"{n / bs:.1f}" for n in prefix) + " |")
 
 
 if __name__ == "__main__":

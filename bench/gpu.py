@@ -390,7 +390,7 @@ def main():
     cases = args.cases.split(",")
     # Rough cost of each case in seconds on an H100 (compile included), to skip what cannot finish in time.
     cost = {"packed4096": 100, "packed2048": 90, "fsdp4096": 60, "llama_cpu": 45, "qwen3_cpu": 45, "same4096": 80,
-            "generate": 40}
+            "generate": 90}  # bench/generate.py: eager, compiled (CUDA graphs) and HF
     results = []
     for case in cases:
         if case not in cost:

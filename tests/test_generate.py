@@ -1,5 +1,6 @@
-"""generate.py: KV-cache decoding = full recompute, greedy parity with HF generate, GSM8K answer extraction and
-evaluation (also under FSDP2 on 2 CPU ranks), and the command line.
+"""generate.py: KV-cache decoding = full recompute, compiled decoding = eager (one graph, no recompiles), greedy
+parity with HF generate, GSM8K answer extraction and evaluation (also under FSDP2 on 2 CPU ranks), and the command
+line.
 
     python3 -m pytest -q -x tests/test_generate.py
 """
@@ -148,6 +149,57 @@ def test_sample_top_p_keeps_the_nucleus():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# compiled decoding (torch.compile on CPU: inductor's C++ backend; a few seconds per graph)
+
+
+def unique_graphs():
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]  # graphs dynamo has captured (and handed to inductor) so far
+
+
+def stops_ending_rows_at_different_steps(free, new):
+    """Two stop ids under which at least two rows stop early, at different steps > 0, and one row runs to the end
+    (free: completions without stop ids). Returns (stop ids, the completion lengths they give)."""
+    def lengths(stops):
+        return [next((i for i, t in enumerate(o) if t in stops), new) for o in free]
+    for a in free[0]:
+        for b in free[1]:
+            n = lengths({a, b})
+            if len({k for k in n if 0 < k < new}) >= 2 and new in n:
+                return [a, b], n
+    raise AssertionError(f"no such stop ids in {free}")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(qk_norm=True, head_dim=32)], ids=["llama", "qwen3"])
+def test_compiled_decode_equals_eager_and_compiles_once(kw):
+    """One graph for the whole decode step; rows that stop stay in the batch but are not emitted; greedy ids equal
+    the eager path's (which drops stopped rows). Later calls with other prompt lengths but the same batch size and
+    cache length reuse the graph, including one where a row reaches the context (its position is clamped)."""
+    torch._dynamo.reset()  # earlier tests may have compiled this shape already
+    model = tiny_model(max_seq_len=256, **kw)
+    prompts, new = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], 10
+    stops, lengths = stops_ending_rows_at_different_steps(gen.generate(model, prompts, new, stop_ids=[]), new)
+    eager = gen.generate(model, prompts, new, stop_ids=stops)
+    assert [len(o) for o in eager] == lengths
+    before = unique_graphs()
+    assert gen.generate(model, prompts, new, stop_ids=stops, compile=True) == eager
+    assert unique_graphs() == before + 1  # fullgraph: the model forward of one token is one graph
+    assert gen._STATIC_CACHES[model].max_len == 256  # 6 + 10 slots needed, rounded up (and capped at the context)
+    others = [[7, 8], [9] * 20, [3, 1, 4, 1, 5], [2]]
+    assert gen.generate(model, others, new, stop_ids=stops, compile=True) == gen.generate(model, others, new, stops)
+    at_limit = [[5] * 250, [6] * 3, [7], [8, 9]]  # row 0 reaches max_seq_len after 6 tokens, the others go on
+    out = gen.generate(model, at_limit, new, stop_ids=[], compile=True)
+    assert [len(o) for o in out] == [6, new, new, new] and out == gen.generate(model, at_limit, new, stop_ids=[])
+    assert unique_graphs() == before + 1  # no recompilation
+
+
+def test_cache_length():
+    assert gen.cache_length(33, 8192, compile=False) == 33  # eager: exactly what is needed
+    assert [gen.cache_length(n, 8192, compile=True) for n in (1, 33, 256, 257)] == [256, 256, 256, 512]
+    assert gen.cache_length(300, 300, compile=True) == 300  # never past the context
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # parity with Hugging Face generate
 
 
@@ -293,8 +345,8 @@ def test_evaluate_gsm8k(llama3_tokenizer_dir, monkeypatch):
     # A scripted "model": answer right for even i, wrong for odd; checks batching, length sorting and bookkeeping.
     scripted = {tuple(gen.build_prompt(tok, ex.get("question", ex.get("src")), chat=False)): ex for ex in examples}
 
-    def fake_generate(model, prompts, max_new_tokens, stop_ids, vocab_size=None, sync_ranks=False, **kw):
-        assert len(prompts) <= 3 and stop_ids == tok.stop_ids and not sync_ranks
+    def fake_generate(model, prompts, max_new_tokens, stop_ids, vocab_size=None, sync_ranks=False, compile=False):
+        assert len(prompts) <= 3 and stop_ids == tok.stop_ids and not sync_ranks and compile == compiled
         outs = []
         for p in prompts:
             gold = extract_answer(scripted[tuple(p)].get("answer", scripted[tuple(p)].get("tgt")))
@@ -304,6 +356,9 @@ def test_evaluate_gsm8k(llama3_tokenizer_dir, monkeypatch):
     monkeypatch.setattr(gen, "generate", fake_generate)
     model = tiny_model()
     model.train()
+    compiled = True
+    assert gen.evaluate_gsm8k(model, tok, examples, False, batch_size=3, limit=2, compile=True)["total"] == 2
+    compiled = False
     res = gen.evaluate_gsm8k(model, tok, examples, chat=False, batch_size=3, max_new_tokens=8)
     assert model.training  # restored
     assert (res["correct"], res["total"]) == (5, 8) and res["accuracy"] == 5 / 8  # i = 0, 2, 4, 6 and the 4
@@ -387,7 +442,7 @@ def test_evaluate_gsm8k_under_fsdp2_on_two_ranks(tmp_path):
         assert json.loads(line.split(" ", 1)[1]) == expected
 
 
-def test_cli(llama3_tokenizer_dir, tmp_path, capsys):
+def test_cli(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
     import tokenizer as tokenizer_lib
     model_dir = hf_dir_with_tokenizer(tmp_path, llama3_tokenizer_dir, vocab_size=128256, max_seq_len=48)
     tok = tokenizer_lib.load_tokenizer(str(model_dir))
@@ -428,6 +483,14 @@ def test_cli(llama3_tokenizer_dir, tmp_path, capsys):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         gen.main([str(model_dir)])  # neither --prompt nor --gsm8k
+
+    # --compile reaches generate (test_compiled_decode_equals_eager_and_compiles_once tests what it does)
+    seen = []
+    monkeypatch.setattr(gen, "generate", lambda *a, compile=False, **kw: seen.append(compile) or [[] for _ in a[1]])
+    assert gen.main([str(model_dir), "--prompt", "Hi", "--compile"]) == 0
+    assert gen.main([str(model_dir), "--gsm8k", str(data_file), "--limit", "1", "--compile"]) == 0
+    assert gen.main([str(model_dir), "--prompt", "Hi"]) == 0
+    assert seen == [True, True, False]
 
 
 def test_load_training_outputs(tmp_path):
