@@ -193,6 +193,20 @@ def test_compiled_decode_equals_eager_and_compiles_once(kw):
     assert unique_graphs() == before + 1  # no recompilation
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (compile mode reduce-overhead) need CUDA")
+def test_cuda_compiled_decode_with_cuda_graphs_equals_eager():
+    """On CUDA compile=True replays CUDA graphs over the static KV cache: fp32 greedy ids equal eager's across two
+    calls (the second replays the recorded graph), and a bf16 model decodes under it too."""
+    torch._dynamo.reset()
+    model = tiny_model(max_seq_len=256, qk_norm=True).cuda()
+    prompts, new = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], 12
+    stops, _ = stops_ending_rows_at_different_steps(gen.generate(model, prompts, new, stop_ids=[]), new)
+    for ps in (prompts, [[7, 8], [9] * 20, [3, 1, 4, 1, 5], [2]]):
+        assert gen.generate(model, ps, new, stop_ids=stops, compile=True) == gen.generate(model, ps, new, stops)
+    out = gen.generate(model.to(torch.bfloat16), prompts, new, stop_ids=[], compile=True)
+    assert [len(o) for o in out] == [new] * len(prompts)
+
+
 def test_cache_length():
     assert gen.cache_length(33, 8192, compile=False) == 33  # eager: exactly what is needed
     assert [gen.cache_length(n, 8192, compile=True) for n in (1, 33, 256, 257)] == [256, 256, 256, 512]

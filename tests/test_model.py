@@ -491,3 +491,31 @@ def test_cuda_flex_matches_sdpa_mask_forward_and_backward(monkeypatch):
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-3)
     for a, b in zip(out[True][1], out[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention backward and compiled blocks need CUDA")
+def test_cuda_autocast_compiled_flex_step_matches_fp32_eager(monkeypatch):
+    """train.py's one-GPU step: bf16 autocast over fp32 weights, per-block compile, flex_attention document mask,
+    fused linear-CE cast once: loss and gradients near an fp32 eager step with the SDPA mask."""
+    monkeypatch.setattr(M, "CE_CHUNK", 64)
+    m = tiny("tiny_qwen3").cuda().train()
+    tokens = torch.randint(0, V, (2, 256), device="cuda")
+    doc_ids = torch.tensor([[0] * 100 + [1] * 156, [0] * 256], device="cuda")
+    positions = torch.cat([torch.arange(100), torch.arange(156)]).cuda()[None].repeat(2, 1)
+    positions[1] = torch.arange(256)
+    labels = tokens.roll(-1, 1)
+    labels[:, :30] = -100
+    monkeypatch.setattr(M, "USE_FLEX", False)
+    ref = m(tokens, positions=positions, doc_ids=doc_ids, labels=labels)
+    ref_grads = [g.clone() for g in torch.autograd.grad(ref, list(m.parameters()))]
+    monkeypatch.setattr(M, "USE_FLEX", True)
+    for block in m.layers:
+        block.compile()
+    for _ in range(2):  # the second call runs the compiled code without compiling
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(tokens, positions=positions, doc_ids=doc_ids, labels=labels)
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=0)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() <= 0.05 * r.norm() + 1e-6, ((g - r).norm(), r.norm())
