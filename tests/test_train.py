@@ -216,6 +216,21 @@ def test_fsdp_two_ranks_match_one_and_resume_on_one_rank(reference_run, tmp_path
     close(losses(tmp_path / "out"), ref, [6, 7], 1e-4)
 
 
+def test_fsdp_two_ranks_bf16_mixed_precision_tracks_fp32(reference_run, tmp_path):
+    """The multi-GPU precision path on CPU: 2 ranks, FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce fp32), so
+    the fused linear-CE and every matmul run on bf16 parameters under FSDP; the curve stays near the fp32 one."""
+    cfg, ref = reference_run
+    cfg = json.loads(json.dumps(cfg))
+    cfg["checkpoint"]["dir"] = str(tmp_path / "out")
+    cfg["trainer"].update(grad_accum=1, dtype="bfloat16")
+    cfg["regime"]["num_steps"] = 4
+    p = torchrun(2, write_cfg(cfg, tmp_path / "c.yaml"))
+    assert "world 2 | device cpu | FSDP2 | dtype torch.bfloat16 |" in p.stdout, p.stdout[-2000:]
+    got = losses(tmp_path / "out")
+    close(got, ref, range(1, 5), 0.01 * ref[1])
+    assert [got[s] for s in range(1, 5)] != [ref[s] for s in range(1, 5)]  # bf16 did run
+
+
 def test_multinode_hsdp_smoke(reference_run, tmp_path):
     """Two torchrun launches (--nnodes=2, one process each) on localhost form one job; trainer.dp_replicate=2 makes
     the mesh 2 (replicate) x 1 (shard): HSDP. Same curve as one process."""
