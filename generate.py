@@ -286,8 +286,10 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_siz
     for k in range(math.ceil(len(batches) / world_size)):
         b = rank + k * world_size
         batch = batches[b] if b < len(batches) else batches[0][:1]  # filler: same forward count on every rank
-        outs = generate(model, [prompts[i] for i in batch], max_new_tokens, tokenizer.stop_ids,
-                        vocab_size=tokenizer.vocab_size, sync_ranks=world_size > 1, compile=compile)
+        # compile: the last, smaller batch is topped up with copies (outputs ignored) to reuse the full batch's graph
+        run = batch + batch[:1] * (batch_size - len(batch)) if compile and len(batches) > 1 else batch
+        outs = generate(model, [prompts[i] for i in run], max_new_tokens, tokenizer.stop_ids,
+                        vocab_size=tokenizer.vocab_size, sync_ranks=world_size > 1, compile=compile)[:len(batch)]
         if b < len(batches):
             local.update(zip(batch, outs))
     model.train(was_training)

@@ -361,6 +361,7 @@ def test_evaluate_gsm8k(llama3_tokenizer_dir, monkeypatch):
 
     def fake_generate(model, prompts, max_new_tokens, stop_ids, vocab_size=None, sync_ranks=False, compile=False):
         assert len(prompts) <= 3 and stop_ids == tok.stop_ids and not sync_ranks and compile == compiled
+        sizes.append(len(prompts))
         outs = []
         for p in prompts:
             gold = extract_answer(scripted[tuple(p)].get("answer", scripted[tuple(p)].get("tgt")))
@@ -370,8 +371,9 @@ def test_evaluate_gsm8k(llama3_tokenizer_dir, monkeypatch):
     monkeypatch.setattr(gen, "generate", fake_generate)
     model = tiny_model()
     model.train()
-    compiled = True
+    compiled, sizes = True, []
     assert gen.evaluate_gsm8k(model, tok, examples, False, batch_size=3, limit=2, compile=True)["total"] == 2
+    assert sizes == [2]  # one batch: nothing to top up
     compiled = False
     res = gen.evaluate_gsm8k(model, tok, examples, chat=False, batch_size=3, max_new_tokens=8)
     assert model.training  # restored
@@ -380,6 +382,9 @@ def test_evaluate_gsm8k(llama3_tokenizer_dir, monkeypatch):
     assert [p["correct"] for p in res["predictions"]] == [True, False] * 3 + [True, True]
     assert res["predictions"][1]["prediction"] is None and res["predictions"][1]["gold"] == "2"
     assert gen.evaluate_gsm8k(model, tok, examples, False, batch_size=3, limit=2)["total"] == 2
+    compiled, sizes[:] = True, []
+    res_c = gen.evaluate_gsm8k(model, tok, examples, chat=False, batch_size=3, max_new_tokens=8, compile=True)
+    assert sizes == [3, 3, 3] and res_c == res  # the last batch (2) topped up to the compiled graph's batch size
 
 
 def test_evaluate_gsm8k_with_a_real_model_matches_generate(llama3_tokenizer_dir):
