@@ -92,6 +92,7 @@ class LRSchedulerConfig:
 @dataclass
 class RegimeConfig:
     num_steps: int = 1000
+    num_data_epochs: int = 0                # > 0: also stop after this many passes over the train split
     validate_every_n_steps: int = 0         # 0 = only at the end (needs dataset.valid_split)
     checkpoint_every_n_steps: int = 0       # 0 = only at the end
     keep_last_n_checkpoints: int = 1        # 0 = keep all
@@ -227,6 +228,7 @@ def validate(cfg: Config):
         raise FileNotFoundError(f"dataset.path not found: {ds.path} (dataset.generate_demo=true writes demo data there)")
     data.check_config(ds)  # batching options (e.g. max_num_tokens < max_seq_len)
     check(r.num_steps >= 1, f"regime.num_steps must be >= 1, got {r.num_steps}")
+    check(r.num_data_epochs >= 0, f"regime.num_data_epochs must be >= 0 (0 = off), got {r.num_data_epochs}")
     for k in ("validate_every_n_steps", "checkpoint_every_n_steps", "keep_last_n_checkpoints"):
         check(getattr(r, k) >= 0, f"regime.{k} must be >= 0, got {getattr(r, k)}")
     check(r.publish_metrics_every_n_steps >= 1, "regime.publish_metrics_every_n_steps must be >= 1")
@@ -531,6 +533,17 @@ def train(cfg: Config) -> dict:
     val_loader = data.build_loader(cfg.dataset, tok, cfg.dataset.valid_split, infinite=False, **loader_kw) \
         if cfg.dataset.valid_split else None
     eval_examples = load_eval_examples(cfg) if cfg.evaluation.split else None
+    if cfg.regime.num_data_epochs:
+        # fairseq2's num_data_epochs: num_steps and the epochs are both limits, the earlier one ends the run, and
+        # the lr schedule spans the steps actually run. A step takes world x grad_accum of the global batches.
+        per_step = world * cfg.trainer.grad_accum
+        epoch_steps = math.ceil(cfg.regime.num_data_epochs * train_loader.batches_per_epoch / per_step)
+        binding = "the data epochs" if epoch_steps <= cfg.regime.num_steps else \
+            f"regime.num_steps (raise it for all {cfg.regime.num_data_epochs} epochs)"
+        print0(f"regime: {cfg.regime.num_data_epochs} data epoch(s) = {epoch_steps} steps of {per_step} global "
+               f"batches, num_steps={cfg.regime.num_steps}: stopping after {min(epoch_steps, cfg.regime.num_steps)} "
+               f"steps, set by {binding}")
+        cfg.regime.num_steps = min(cfg.regime.num_steps, epoch_steps)
 
     # --- model: meta-device build -> AC -> compile -> FSDP2 -> materialize shards -> rank 0 loads, broadcasts
     # Rank 0 alone holds the full weights (pretrained, or a seeded random init identical at any world size); the

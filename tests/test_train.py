@@ -155,6 +155,25 @@ def test_lr_schedule():
 # -------------------------------------------------------------------------------------------------- training
 
 
+def test_num_data_epochs_limits_the_run_and_the_schedule(tiny_data, tmp_path, capsys):
+    """regime.num_data_epochs: the run ends after N passes (ceil(N x batches per epoch / (world x grad_accum))
+    steps) when that comes before num_steps, and the lr schedule ends there too; num_steps still binds if earlier."""
+    cfg = tiny_cfg(tiny_data, tmp_path / "a", regime={"num_steps": 1000, "num_data_epochs": 2},
+                   trainer={"grad_accum": 3}, dataset={"valid_split": ""},
+                   lr_scheduler={"name": "linear", "final_lr_scale": 0.0})
+    res = train_in_process(cfg, tmp_path, "a.yaml")
+    per_epoch = data.build_loader(train.load_config([write_cfg(cfg, tmp_path / "a.yaml")]).dataset,
+                                  train.load_tokenizer("byte", ""), "train").batches_per_epoch
+    expected = -(-2 * per_epoch // 3)
+    assert 2 < expected < 1000 and res["step"] == expected
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(3e-3 / expected)  # the linear decay ends with the run (lr of the last step)
+    assert "set by the data epochs" in capsys.readouterr().out
+    cfg = tiny_cfg(tiny_data, tmp_path / "b", regime={"num_steps": 2, "num_data_epochs": 2}, dataset={"valid_split": ""})
+    assert train_in_process(cfg, tmp_path, "b.yaml")["step"] == 2
+    assert "set by regime.num_steps (raise it for all 2 epochs)" in capsys.readouterr().out
+
+
 def test_demo_short_and_hf_export(tmp_path):
     """The README's demo config, shortened: loss falls, accuracy is printed at step 0 and at the end, and the HF
     export (end of training, and `--export` of the checkpoint) loads in transformers with our logits."""
