@@ -318,7 +318,9 @@ def get_lr(step: int, cfg: Config) -> float:
 _SAC_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
              torch.ops.aten._scaled_dot_product_efficient_attention.default,
              torch.ops.aten._scaled_dot_product_flash_attention.default,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+             torch._higher_order_ops.flex_attention}  # packed rows on CUDA (as torchtitan's list)
 
 
 def _sac_policy(ctx, op, *args, **kwargs):

@@ -302,13 +302,15 @@ def test_one_rank_bf16_autocast_trains_validates_and_evaluates(tiny_data, tmp_pa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-GPU path needs CUDA")
-def test_cuda_one_gpu_autocast_compile_run(tiny_data, tmp_path, capsys):
-    """`python train.py` on one GPU: no FSDP, bf16 autocast, per-block compile, flex_attention for packed rows,
-    validation and evaluation under autocast; its curve stays near the CPU fp32 one."""
+@pytest.mark.parametrize("ac", ["off", "selective"])
+def test_cuda_one_gpu_autocast_compile_run(ac, tiny_data, tmp_path, capsys):
+    """`python train.py` on one GPU: no FSDP, bf16 autocast, per-block compile, flex_attention for packed rows (also
+    under selective activation checkpointing, which saves flex's output), validation and evaluation under autocast;
+    its curve stays near the CPU fp32 one."""
     cpu = tiny_cfg(tiny_data, tmp_path / "cpu", regime={"num_steps": 4}, dataset={"valid_split": ""})
     train_in_process(cpu, tmp_path, "cpu.yaml")
     gpu = tiny_cfg(tiny_data, tmp_path / "gpu", regime={"num_steps": 4},
-                   trainer={"device": "cuda", "dtype": "auto", "compile": True},
+                   trainer={"device": "cuda", "dtype": "auto", "compile": True, "activation_checkpointing": ac},
                    evaluation={"split": "valid", "limit": 4, "batch_size": 2, "max_new_tokens": 4})
     res = train_in_process(gpu, tmp_path, "gpu.yaml")
     out = capsys.readouterr().out
