@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -68,6 +69,7 @@ class TrainerConfig:
     compile: bool = False                   # torch.compile each block in place
     activation_checkpointing: str = "off"   # off | full | selective (keep matmul/attention outputs)
     dp_replicate: int = 1                   # HSDP: replicate over this many groups, shard within (e.g. = nodes)
+    reshard_after_forward: bool = True      # FSDP2: free gathered blocks after forward (false: ZeRO-2-like, faster)
     seed: int = 0
     skip_nonfinite: bool = False            # skip a step with a non-finite loss / grad norm instead of stopping
     num_threads: int = 0                    # CPU intra-op threads (0 = torch's default)
@@ -578,8 +580,11 @@ def train(cfg: Config) -> dict:
     if use_fsdp:
         mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
         for i, block in enumerate(model.layers):
-            # The last block's backward starts right after the forward: resharding it would only re-gather it.
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
+            # reshard_after_forward=False keeps every gathered block until its backward: no second all-gather, at
+            # the memory of the unsharded bf16 weights. The last block's backward starts right after the forward,
+            # so resharding it would only re-gather it.
+            reshard = cfg.trainer.reshard_after_forward and i < len(model.layers) - 1
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, head (tied with embeddings)
         for m in model.modules():
             if isinstance(m, FSDPModule):  # we divide by the global token count ourselves: FSDP must only sum
@@ -763,6 +768,12 @@ def main(argv: list[str]):
         train(cfg)
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input (data, paths, sizes): one line, no traceback
         raise SystemExit(f"error: {e}") from None
+    except torch.OutOfMemoryError as e:
+        asked = re.search(r"Tried to allocate [\d.]+ \w+", str(e))  # the rest of torch's message is pages long
+        raise SystemExit(f"error: out of GPU memory{f' ({asked[0]})' if asked else ''}. Lower dataset.max_num_tokens "
+                         "or dataset.batch_size (keeping the global batch with trainer.grad_accum), set "
+                         "trainer.activation_checkpointing=selective or full, or use more GPUs (FSDP2 shards "
+                         "weights, gradients and optimizer state)") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -237,11 +237,12 @@ def test_fsdp_two_ranks_match_one_and_resume_on_one_rank(reference_run, tmp_path
 
 def test_fsdp_two_ranks_bf16_mixed_precision_tracks_fp32(reference_run, tmp_path):
     """The multi-GPU precision path on CPU: 2 ranks, FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce fp32), so
-    the fused linear-CE and every matmul run on bf16 parameters under FSDP; the curve stays near the fp32 one."""
+    the fused linear-CE and every matmul run on bf16 parameters under FSDP; the curve stays near the fp32 one.
+    (With trainer.reshard_after_forward=false: blocks stay gathered from forward to backward.)"""
     cfg, ref = reference_run
     cfg = json.loads(json.dumps(cfg))
     cfg["checkpoint"]["dir"] = str(tmp_path / "out")
-    cfg["trainer"].update(grad_accum=1, dtype="bfloat16")
+    cfg["trainer"].update(grad_accum=1, dtype="bfloat16", reshard_after_forward=False)
     cfg["regime"]["num_steps"] = 4
     p = torchrun(2, write_cfg(cfg, tmp_path / "c.yaml"))
     assert "world 2 | device cpu | FSDP2 | dtype torch.bfloat16 |" in p.stdout, p.stdout[-2000:]
@@ -404,6 +405,18 @@ def test_shipped_configs_load_and_validate(name, gsm8k_dir):
     if name != "demo.yaml":
         assert (cfg.dataset.src_field, cfg.dataset.tgt_field) == ("question", "answer")
         assert cfg.dataset.packing and cfg.trainer.compile
+
+
+def test_cli_out_of_memory_is_one_line_with_what_to_do(tiny_data, tmp_path, monkeypatch):
+    def oom(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of "
+                                     "79.1 GiB of which 1.2 GiB is free. " + "Of the allocated memory ... " * 20)
+    monkeypatch.setattr(train, "train", oom)
+    with pytest.raises(SystemExit) as e:
+        train.main([write_cfg(tiny_cfg(tiny_data, tmp_path / "out"), tmp_path / "c.yaml")])
+    msg = str(e.value)
+    assert msg.startswith("error: out of GPU memory (Tried to allocate 2.50 GiB). Lower dataset.max_num_tokens")
+    assert "activation_checkpointing" in msg and "\n" not in msg and len(msg) < 400
 
 
 def test_cli_bad_data_is_one_line_not_a_traceback(tiny_data, tmp_path):
