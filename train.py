@@ -492,7 +492,7 @@ def memory_gb(device: torch.device) -> float:
 
 def train(cfg: Config) -> dict:
     """Returns {"step", "val_loss", "eval"} of the last evaluations (for tests and scripts)."""
-    # --- distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` on CPU runs undistributed
+    # --- distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` (one CPU / GPU) is undistributed
     device_type = cfg.trainer.device if cfg.trainer.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
