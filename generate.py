@@ -308,6 +308,14 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_siz
             "predictions": predictions}
 
 
+def write_predictions(path, predictions: list[dict]):
+    """One JSON line per example: index, question, gold, prediction, correct, completion."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # loading
 
@@ -403,9 +411,7 @@ def main(argv=None):
             result = evaluate_gsm8k(model, tokenizer, load_jsonl(args.gsm8k), args.chat, args.batch_size,
                                     args.max_new_tokens, args.limit, args.system, compile=args.compile)
             if args.output:
-                with open(args.output, "w") as f:
-                    for p in result["predictions"]:
-                        f.write(json.dumps(p) + "\n")
+                write_predictions(args.output, result["predictions"])
             print(f"accuracy: {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
         else:
             prompt = build_prompt(tokenizer, args.prompt, args.chat, args.system)

@@ -74,6 +74,7 @@ class TrainerConfig:
     skip_nonfinite: bool = False            # skip a step with a non-finite loss / grad norm instead of stopping
     num_threads: int = 0                    # CPU intra-op threads (0 = torch's default)
     tensorboard: bool = False               # also log to <checkpoint.dir>/tb (needs the tensorboard package)
+    profile_steps: list[int] = field(default_factory=list)  # [first, last]: torch.profiler trace of these steps
 
 
 @dataclass
@@ -231,6 +232,9 @@ def validate(cfg: Config):
     data.check_config(ds)  # batching options (e.g. max_num_tokens < max_seq_len)
     check(r.num_steps >= 1, f"regime.num_steps must be >= 1, got {r.num_steps}")
     check(r.num_data_epochs >= 0, f"regime.num_data_epochs must be >= 0 (0 = off), got {r.num_data_epochs}")
+    p = cfg.trainer.profile_steps
+    check(p == [] or (len(p) == 2 and 1 <= p[0] <= p[1]),
+          f"trainer.profile_steps must be [] or [first, last] with 1 <= first <= last, got {p}")
     for k in ("validate_every_n_steps", "checkpoint_every_n_steps", "keep_last_n_checkpoints"):
         check(getattr(r, k) >= 0, f"regime.{k} must be >= 0, got {getattr(r, k)}")
     check(r.publish_metrics_every_n_steps >= 1, "regime.publish_metrics_every_n_steps must be >= 1")
@@ -490,6 +494,24 @@ def memory_gb(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------------- train
 
 
+def start_profiler(device: torch.device) -> torch.profiler.profile:
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = torch.profiler.profile(activities=acts)
+    prof.start()
+    return prof
+
+
+def finish_profiler(prof, out_dir: Path, rank: int, steps: list[int], device: torch.device):
+    """Chrome trace per rank (chrome://tracing, perfetto.dev) and, on rank 0, the ops that took the most time."""
+    prof.stop()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"steps_{steps[0]}-{steps[1]}_rank{rank}.json"
+    prof.export_chrome_trace(str(path))
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print0(f"profile of steps {steps[0]}-{steps[1]} (trace: {path}), ops by {key}:\n"
+           + prof.key_averages().table(sort_by=key, row_limit=15))
+
+
 def train(cfg: Config) -> dict:
     """Returns {"step", "val_loss", "eval"} of the last evaluations (for tests and scripts)."""
     # --- distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` (one CPU / GPU) is undistributed
@@ -651,7 +673,11 @@ def train(cfg: Config) -> dict:
                                           batch_size=cfg.evaluation.batch_size,
                                           max_new_tokens=cfg.evaluation.max_new_tokens,
                                           source_encode_mode=cfg.dataset.source_encode_mode)
-        print0(f"step {step}: gsm8k accuracy {res['accuracy']:.1%} ({res['correct']}/{res['total']})")
+        pred_file = out_dir / "eval" / f"step_{step:08d}.jsonl"  # every completion, to read what the model says
+        if is_master:
+            generate.write_predictions(pred_file, res["predictions"])
+        print0(f"step {step}: gsm8k accuracy {res['accuracy']:.1%} ({res['correct']}/{res['total']}), "
+               f"predictions in {pred_file}")
         publish({"step": step, "eval_accuracy": res["accuracy"]})
         return res
 
@@ -662,6 +688,7 @@ def train(cfg: Config) -> dict:
     train_iter = iter(train_loader)
     window = dict.fromkeys(("tokens", "labels", "padded", "steps", "loss", "seq_len", "time"), 0)  # since the last log
     start_step, train_time = step, 0.0  # train_time: seconds in training steps (no eval / checkpoint), for the ETA
+    prof = None  # a torch.profiler run over trainer.profile_steps
     while True:
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
@@ -684,6 +711,8 @@ def train(cfg: Config) -> dict:
 
         # The step's micro-batches are fetched up front: the global count of supervised tokens must be known before
         # the first backward. data.py's loader prefetches the next ones in a background thread meanwhile.
+        if cfg.trainer.profile_steps and step + 1 == cfg.trainer.profile_steps[0]:
+            prof = start_profiler(device)
         t0 = time.perf_counter()
         batches = [next(train_iter) for _ in range(grad_accum)]
         counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
@@ -717,6 +746,9 @@ def train(cfg: Config) -> dict:
         step += 1
         dt = time.perf_counter() - t0
         train_time += dt
+        if prof is not None and step in (cfg.trainer.profile_steps[1], num_steps):
+            finish_profiler(prof, out_dir / "profile", rank, [cfg.trainer.profile_steps[0], step], device)
+            prof = None
 
         for k, v in zip(("labels", "tokens", "padded"), n):
             window[k] += v

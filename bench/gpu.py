@@ -269,7 +269,7 @@ def hf_loss_on_docs(model, docs, idx, device, chunk=16):
 
 
 # ------------------------------------------------------------------------------------------------ cases
-def case_packed(args, device, seq_len, state, mode=None, with_hf=True):
+def case_packed(args, device, seq_len, state, mode=None, with_hf=True, profile=False):
     import model as M
     margs = state["margs_1b"]
     docs = SyntheticDocs(args.docs, margs.vocab_size)
@@ -279,7 +279,7 @@ def case_packed(args, device, seq_len, state, mode=None, with_hf=True):
     res = {"margs": margs, "notes": [f"HF static batch {n_hf} examples (mean padded "
                                      f"{np.mean([b['n_slots'] for b in hf_b]):.0f} slots); ours "
                                      f"{args.budget // seq_len} x {seq_len} packed rows"]}
-    res["ours"] = run_ours(args, device, margs, state["sd_1b"], ours_b, state, mode)
+    res["ours"] = run_ours(args, device, margs, state["sd_1b"], ours_b, state, mode, profile)
     if "error" not in res["ours"]:
         mean_doc = float(np.mean(docs.lengths))
         r = res["ours"]
@@ -303,10 +303,11 @@ def case_same(args, device, margs, sd, batch_size, seq_len, state):
     return res
 
 
-def run_ours(args, device, margs, sd, batches, state, mode=None):
+def run_ours(args, device, margs, sd, batches, state, mode=None, profile=False):
     """Ours as train.py runs it on one GPU (bf16 autocast, flex_attention for packed rows). If flex fails, fall back
     to SDPA with a dense document mask and keep that (said in the output), so that one failure does not cost every
-    case. mode="fsdp": FSDP2 on one rank instead (no fallback)."""
+    case. mode="fsdp": FSDP2 on one rank instead (no fallback). profile: then 2 more steps under torch.profiler,
+    whose costliest ops are logged (where the step's time goes, for the MFU goal)."""
     import model as M
     chain = [("autocast", None), ("autocast", False)]
     chain = [("fsdp", None)] if mode == "fsdp" else chain[chain.index(state["ours_mode"]):]
@@ -323,6 +324,8 @@ def run_ours(args, device, margs, sd, batches, state, mode=None):
             r = run_side(lambda b: ours_step(model, opt, b, device, use_ac), batches, args, device)
             r["mode"] = mode + ("" if flex is None else ", no flex")
             log(f"   ours done ({time.time() - _T0:.0f} s elapsed)")
+            if profile:
+                profile_steps(lambda b: ours_step(model, opt, b, device, use_ac), batches[:2], device)
             if mode != "fsdp" and (mode, flex) != state["ours_mode"]:
                 log(f"   ours: NOTE falling back to {r['mode']} for this and later cases")
                 state["ours_mode"] = (mode, flex)
@@ -334,6 +337,18 @@ def run_ours(args, device, margs, sd, batches, state, mode=None):
             del model, opt
             free(device)
     return {"error": "; ".join(errors)}
+
+
+def profile_steps(step, batches, device):
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for b in batches:
+            step(b)
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(f"   ours: profile of {len(batches)} steps, ops by {key}:")
+    for line in prof.key_averages().table(sort_by=key, row_limit=15).splitlines():
+        log(f"   {line}")
 
 
 def run_hf(args, device, margs, sd, batches, check):
@@ -365,6 +380,8 @@ def main():
     p.add_argument("--n-batches", type=int, default=6, help="distinct batches cycled through per side")
     p.add_argument("--docs", type=int, default=2000, help="synthetic GSM8K-like documents to pack / pad")
     p.add_argument("--no-compile", action="store_true", help="ours without per-block torch.compile")
+    p.add_argument("--profile", default="packed4096", help="cases (packed4096, fsdp4096) whose ours side is then "
+                   "profiled for 2 steps, the costliest ops logged ('' = none)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU to test the script without a GPU")
     args = p.parse_args()
 
@@ -411,7 +428,7 @@ def main():
                 state["sd_1b"] = init_state_dict(margs_1b, device)
             if case in ("packed4096", "fsdp4096"):
                 res = case_packed(args, device, 512 if args.smoke else 4096, state, mode=case[:4] if case == "fsdp4096"
-                                  else None, with_hf=case == "packed4096")
+                                  else None, with_hf=case == "packed4096", profile=case in args.profile.split(","))
             elif case == "packed2048":
                 res = case_packed(args, device, 256 if args.smoke else 2048, state)
             elif case == "same4096":

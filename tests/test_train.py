@@ -121,6 +121,8 @@ def test_config_parsing_and_overrides(tiny_data, tmp_path):
     ("dataset.path=", r"dataset.path is required"),
     ("trainer.dp_replicate=0", r"trainer.dp_replicate must be >= 1"),
     ("num_steps", r"expected section.key=value"),
+    ("trainer.profile_steps=[3,2]", r"trainer.profile_steps must be \[\] or \[first, last\]"),
+    ("regime.num_data_epochs=-1", r"regime.num_data_epochs must be >= 0"),
 ])
 def test_config_errors(tiny_data, tmp_path, override, match):
     path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", dataset={"batch_size": 0}), tmp_path / "c.yaml")
@@ -174,6 +176,23 @@ def test_num_data_epochs_limits_the_run_and_the_schedule(tiny_data, tmp_path, ca
     assert "set by regime.num_steps (raise it for all 2 epochs)" in capsys.readouterr().out
 
 
+def test_profile_steps_write_a_trace_and_a_table(tiny_data, tmp_path, capsys):
+    """trainer.profile_steps=[2, 3]: a chrome trace of steps 2-3 and the top ops on stdout; a range past the end of
+    the run is closed at the last step."""
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", regime={"num_steps": 4}, trainer={"profile_steps": [2, 3]},
+                   dataset={"valid_split": ""})
+    train_in_process(cfg, tmp_path)
+    trace = json.loads((tmp_path / "out" / "profile" / "steps_2-3_rank0.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "aten::mm" in names or "aten::addmm" in names, sorted(names)[:50]
+    out = capsys.readouterr().out
+    assert "profile of steps 2-3" in out and "Self CPU" in out
+    cfg = tiny_cfg(tiny_data, tmp_path / "late", regime={"num_steps": 2}, trainer={"profile_steps": [2, 9]},
+                   dataset={"valid_split": ""})
+    train_in_process(cfg, tmp_path, "late.yaml")
+    assert (tmp_path / "late" / "profile" / "steps_2-2_rank0.json").is_file()
+
+
 def test_demo_short_and_hf_export(tmp_path):
     """The README's demo config, shortened: loss falls, accuracy is printed at step 0 and at the end, and the HF
     export (end of training, and `--export` of the checkpoint) loads in transformers with our logits."""
@@ -185,6 +204,8 @@ def test_demo_short_and_hf_export(tmp_path):
              "regime.publish_metrics_every_n_steps=3", "evaluation.limit=4", "evaluation.max_new_tokens=8"])
     assert "step 0: gsm8k accuracy" in p.stdout and "step 12: gsm8k accuracy" in p.stdout, p.stdout[-2000:]
     assert (out / "config.yaml").is_file() and "step 12: validation loss" in p.stdout
+    preds = [json.loads(line) for line in (out / "eval" / "step_00000012.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 and {"question", "gold", "prediction", "correct", "completion"} <= preds[0].keys()
     curve = losses(out)
     assert curve[12] < curve[3] - 0.5, curve
 
