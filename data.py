@@ -439,6 +439,16 @@ class TokenizedData:
         return self.tokens[a:b].astype(np.int64), self.mask[a:b]
 
 
+def ids_present(data, ids: list[int], chunk: int = 1 << 24) -> list[int]:
+    """Which of `ids` occur in a dataset's tokens (a TokenizedData, or MixedData's sources), read in chunks."""
+    found, ids = set(), np.asarray(sorted(ids), dtype=np.uint32)
+    for part in getattr(data, "parts", [data]):
+        for a in range(0, len(part.tokens), chunk):
+            piece = np.asarray(part.tokens[a:a + chunk])
+            found.update(np.unique(piece[np.isin(piece, ids)]).tolist())
+    return sorted(found)
+
+
 def _dist_barrier():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

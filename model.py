@@ -444,6 +444,30 @@ class _FusedLinearCE(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None
 
 
+@torch.no_grad()
+def untrained_token_ids(model: Transformer, ratio: float = 1e-6) -> list[int]:
+    """Input-embedding rows that were never trained: Llama 3 base models ship their chat special tokens (<|eot_id|>,
+    <|start_header_id|>, <|end_header_id|>, the reserved ones) with all-zero or ~1e-20 rows. A row counts when its
+    largest |value| is below `ratio` x the median row's."""
+    amax = model.tok_embeddings.weight.detach().abs().amax(dim=1).float()
+    return torch.nonzero(amax <= ratio * amax.median()).flatten().tolist()
+
+
+@torch.no_grad()
+def fix_untrained_tokens(model: Transformer, ids: list[int]) -> None:
+    """Set these rows of the input embedding, and of an untied LM head, to the mean of the trained rows (Unsloth's
+    fix): from a zero row the model cannot even tell these tokens apart from each other, and an untrained head row
+    makes the token improbable at first, so fine-tuning on them starts from a wrong point (PITFALLS.md 7)."""
+    if not ids:
+        return
+    emb = model.tok_embeddings.weight
+    trained = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+    trained[untrained_token_ids(model)] = False
+    idx = torch.tensor(ids, device=emb.device)
+    for w in {id(t): t for t in (emb, model.output.weight)}.values():  # a tied table once
+        w[idx] = w[trained].float().mean(dim=0).to(w.dtype)
+
+
 def num_params(args: ModelArgs, exclude_embeddings: bool = False) -> int:
     """Parameter count (tied weights once), built on the meta device. exclude_embeddings drops the
     tok_embeddings table (a gather, not a matmul); with tied embeddings that is also the head."""

@@ -52,6 +52,7 @@ import tokenizer as tokenizer_lib
 class ModelConfig:
     name: str = ""   # a model.PRESETS name: random init (e.g. demo, tiny_llama)
     path: str = ""   # or pretrained weights: an HF directory, or hg://org/name (huggingface_hub)
+    fix_untrained_tokens: bool = True  # untrained (all-zero) embedding rows the data uses -> the mean embedding
 
 
 @dataclass
@@ -578,6 +579,13 @@ def train(cfg: Config) -> dict:
     full = None
     if is_master and model_dir:
         full = model_lib.load_hf(model_dir, dtype=checkpoint_dtype(model_dir, dtype))
+        untrained = model_lib.untrained_token_ids(full)
+        if untrained and cfg.model.fix_untrained_tokens:  # e.g. Llama 3 base's chat tokens, in chat-format data
+            used = data.ids_present(train_loader.data, untrained)
+            model_lib.fix_untrained_tokens(full, used)
+            print(f"model: {len(untrained)} untrained (all-zero) embedding rows; the data uses {len(used)}, set to "
+                  f"the mean embedding: {', '.join(tok.decode([i]) for i in used[:12])}"
+                  f"{' ...' if len(used) > 12 else ''} (model.fix_untrained_tokens=false keeps them)", flush=True)
     elif is_master:
         torch.manual_seed(cfg.trainer.seed)
         full = model_lib.Transformer(model_lib.get_preset(cfg.model.name))

@@ -429,6 +429,27 @@ def test_autocast_bf16_step_runs_the_head_in_bf16_and_matches_fp32(name, monkeyp
         assert (g - r).norm() <= 0.05 * r.norm() + 1e-6, ((g - r).norm(), r.norm())
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_untrained_tokens_found_and_set_to_the_mean(tie):
+    """Llama 3 base ships chat special tokens with all-zero embedding rows (PITFALLS 7): found by their tiny norm;
+    the ones the data uses get the mean of the trained rows (embedding and untied head), the others stay."""
+    m = tiny("tiny_llama", tie_embeddings=tie)
+    with torch.no_grad():
+        m.tok_embeddings.weight[[5, 7]] = 0.0
+        m.tok_embeddings.weight[9] = 1e-20  # "near zero", as some checkpoints have
+        if not tie:
+            m.output.weight[[5, 7, 9]] = 1e-3
+    assert M.untrained_token_ids(m) == [5, 7, 9]
+    emb_mean = m.tok_embeddings.weight[[i for i in range(V) if i not in (5, 7, 9)]].mean(0)
+    head_mean = m.output.weight[[i for i in range(V) if i not in (5, 7, 9)]].mean(0)
+    M.fix_untrained_tokens(m, [5, 9])
+    torch.testing.assert_close(m.tok_embeddings.weight[5], emb_mean)
+    torch.testing.assert_close(m.tok_embeddings.weight[9], emb_mean)
+    torch.testing.assert_close(m.output.weight[5], emb_mean if tie else head_mean)
+    assert not m.tok_embeddings.weight[7].any()
+    assert M.untrained_token_ids(m) == [7] and (m.output.weight is m.tok_embeddings.weight) == tie
+
+
 def test_chunked_ce_no_supervised_tokens_still_backprops():
     m = tiny("tiny_llama").train()
     loss = m(torch.randint(0, V, (1, 8)), labels=torch.full((1, 8), -100))

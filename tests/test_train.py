@@ -193,6 +193,24 @@ def test_profile_steps_write_a_trace_and_a_table(tiny_data, tmp_path, capsys):
     assert (tmp_path / "late" / "profile" / "steps_2-2_rank0.json").is_file()
 
 
+def test_untrained_special_tokens_the_data_uses_are_fixed_at_load(tiny_data, tmp_path, capsys):
+    """A pretrained model whose <|eos|> (trained on: the end of every target) and <|im_start|> (unused by this data)
+    rows are zero, as Llama 3 base's chat tokens: train.py sets the used one to the mean embedding and says so."""
+    import model as model_lib
+    m = model_lib.Transformer(model_lib.get_preset("tiny_llama"))
+    m.init_weights()
+    with torch.no_grad():
+        m.tok_embeddings.weight[[257, 259]] = 0.0
+    model_lib.save_hf(m, m.args, tmp_path / "base")
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", model={"name": "", "path": str(tmp_path / "base")},
+                   regime={"num_steps": 1}, dataset={"valid_split": ""})
+    train_in_process(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert "model: 2 untrained (all-zero) embedding rows; the data uses 1, set to the mean embedding: <|eos|>" in out
+    assert data.ids_present(data.build_loader(train.load_config([write_cfg(cfg, tmp_path / "c.yaml")]).dataset,
+                                              train.load_tokenizer("byte", ""), "train").data, [257, 259]) == [257]
+
+
 def test_demo_short_and_hf_export(tmp_path):
     """The README's demo config, shortened: loss falls, accuracy is printed at step 0 and at the end, and the HF
     export (end of training, and `--export` of the checkpoint) loads in transformers with our logits."""
