@@ -450,6 +450,31 @@ def test_untrained_tokens_found_and_set_to_the_mean(tie):
     assert M.untrained_token_ids(m) == [7] and (m.output.weight is m.tok_embeddings.weight) == tie
 
 
+@pytest.mark.parametrize("mask", ["causal", "documents", "cache"])
+def test_block_compiles_without_graph_breaks(mask):
+    """train.py compiles each block: a graph break there (a .item(), a Python branch on a tensor) would silently split
+    it and cost speed. fullgraph=True turns a break into an error; aot_eager also traces the backward."""
+    torch._dynamo.reset()
+    m = tiny("tiny_qwen3")
+    B, T = 2, 16
+    x = torch.randn(B, T, m.args.dim, requires_grad=mask != "cache")
+    positions = torch.arange(T).expand(B, T)
+    freqs = (positions[..., None].float() * M.rope_inv_freq(m.args)).repeat(1, 1, 2)[:, None]  # (B,1,T,head_dim)
+    cos, sin = freqs.cos(), freqs.sin()
+    cache = KVCache(m.args, B, 32, "cpu", torch.float32) if mask == "cache" else None
+    same_doc = torch.arange(T)[:, None] // 8 == torch.arange(T) // 8  # two documents of 8
+    attn_mask = {"causal": None, "cache": (torch.arange(32) <= positions[:, :, None])[:, None],
+                 "documents": (torch.ones(T, T, dtype=torch.bool).tril() & same_doc)[None, None]}[mask]
+    block = m.layers[0]
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x, cos, sin, attn_mask, cache, positions if cache else None)
+    ref = block(x, cos, sin, attn_mask, KVCache(m.args, B, 32, "cpu", torch.float32) if cache else None,
+                positions if cache else None)
+    torch.testing.assert_close(out, ref)
+    if mask != "cache":
+        out.sum().backward()
+
+
 def test_chunked_ce_no_supervised_tokens_still_backprops():
     m = tiny("tiny_llama").train()
     loss = m(torch.randint(0, V, (1, 8)), labels=torch.full((1, 8), -100))
