@@ -406,7 +406,8 @@ def test_autocast_bf16_step_runs_the_head_in_bf16_and_matches_fp32(name, monkeyp
     monkeypatch.setattr(M, "CE_CHUNK", 7)
     seen = []
     apply = M._FusedLinearCE.apply
-    monkeypatch.setattr(M._FusedLinearCE, "apply", lambda h, w, y, c: seen.append((h.dtype, w.dtype)) or apply(h, w, y, c))
+    monkeypatch.setattr(M._FusedLinearCE, "apply",
+                        lambda h, w, y, c: seen.append((h.dtype, w.dtype)) or apply(h, w, y, c))
     attn_dtypes = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention",
