@@ -22,6 +22,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -697,10 +698,26 @@ def train(cfg: Config) -> dict:
     window = dict.fromkeys(("tokens", "labels", "padded", "steps", "loss", "seq_len", "time"), 0)  # since the last log
     start_step, train_time = step, 0.0  # train_time: seconds in training steps (no eval / checkpoint), for the ETA
     prof = None  # a torch.profiler run over trainer.profile_steps
+    # SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before preemption) ask for a checkpoint at the end of the step.
+    # The ranks agree through the step's count all-reduce, so all of them stop after the same step.
+    signalled, stop = [0.0], False
+
+    def on_signal(signum, frame):
+        signalled[0] = 1.0
+        print(f"rank {rank}: got {signal.Signals(signum).name}: checkpoint and stop after this step", flush=True)
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the old ones
     while True:
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
+        if stop:
+            if step > start_step:
+                path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
+                                       cfg.regime.keep_last_n_checkpoints)
+                print0(f"step {step}: saved checkpoint {path}")
+            print0(f"step {step}: stopped by a signal; launch the same command again to resume")
+            result["stopped"] = True
+            break
         last = step >= num_steps
         every = lambda n: n > 0 and step % n == 0  # noqa: E731
         if val_loader and (last or (every(cfg.regime.validate_every_n_steps) and step > start_step)):
@@ -724,8 +741,9 @@ def train(cfg: Config) -> dict:
         t0 = time.perf_counter()
         batches = [next(train_iter) for _ in range(grad_accum)]
         counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
-                               sum(b.tokens.numel() for b in batches)], device=device, dtype=torch.float64)
+                               sum(b.tokens.numel() for b in batches), signalled[0]], device=device, dtype=torch.float64)
         all_reduce_sum(counts)
+        counts, stop_flag = counts[:3], counts[3]
         n_labels = counts[0].clamp(min=1).float()  # guard: a step with no supervised token has loss 0
         loss_sum = torch.zeros((), device=device)
         for i, b in enumerate(batches):
@@ -739,8 +757,8 @@ def train(cfg: Config) -> dict:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         # The step's one host sync: the non-finite check needs loss and grad norm, the log needs the token counts.
-        loss_val, grad_norm, *n = torch.cat([all_reduce_sum(loss_sum).double()[None], grad_norm.double()[None],
-                                             counts]).tolist()  # n = [supervised, real, padded] tokens
+        loss_val, grad_norm, *n, stop = torch.cat([all_reduce_sum(loss_sum).double()[None], grad_norm.double()[None],
+                                                   counts, stop_flag[None]]).tolist()  # n: supervised, real, padded
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
             if not cfg.trainer.skip_nonfinite:
                 raise RuntimeError(f"non-finite loss {loss_val} / grad norm {grad_norm} at step {step + 1}: stopping "
@@ -781,8 +799,11 @@ def train(cfg: Config) -> dict:
             publish(rec)
             window = dict.fromkeys(window, 0)
 
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
     # --- final export
-    if cfg.checkpoint.export_hf:
+    if cfg.checkpoint.export_hf and not result.get("stopped"):
         export_hf(model, args, tok, out_dir / "hf")
     result["step"] = step
     if metrics_file:

@@ -290,6 +290,41 @@ def test_fsdp_two_ranks_bf16_mixed_precision_tracks_fp32(reference_run, tmp_path
     assert [got[s] for s in range(1, 5)] != [ref[s] for s in range(1, 5)]  # bf16 did run
 
 
+SIGNAL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+get_lr = train.get_lr
+def get_lr_then_signal(step, cfg):  # rank 1 alone gets SIGTERM while step 3 starts
+    if step == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return get_lr(step, cfg)
+train.get_lr = get_lr_then_signal
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_on_one_rank_checkpoints_and_stops_all_then_resumes(reference_run, tmp_path):
+    """Preemption: SIGTERM reaches rank 1 only, during step 3. Both ranks finish step 3, agree to stop (through the
+    step's count all-reduce), write the step-3 checkpoint and exit 0; one process resumes it on the reference curve."""
+    cfg, ref = reference_run
+    cfg = json.loads(json.dumps(cfg))
+    cfg["checkpoint"]["dir"] = str(tmp_path / "out")
+    cfg["trainer"]["grad_accum"] = 1
+    (tmp_path / "sig.py").write_text(SIGNAL_SCRIPT.format(root=str(ROOT)))
+    p = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+             str(tmp_path / "sig.py"), write_cfg(cfg, tmp_path / "c2.yaml")])
+    assert "rank 1: got SIGTERM" in p.stdout and "rank 0: got" not in p.stdout, p.stdout[-3000:]
+    assert "step 3: saved checkpoint" in p.stdout and "step 3: stopped by a signal" in p.stdout
+    assert [c.name for c in train.complete_checkpoints(tmp_path / "out" / "checkpoints")] == ["step_00000003"]
+    close(losses(tmp_path / "out"), ref, [1, 2, 3], 1e-4)
+    assert max(losses(tmp_path / "out")) == 3
+
+    cfg["trainer"]["grad_accum"] = 2
+    assert train_in_process(cfg, tmp_path, "c1.yaml")["step"] == 7
+    close(losses(tmp_path / "out"), ref, range(1, 8), 1e-4)
+
+
 def test_multinode_hsdp_smoke(reference_run, tmp_path):
     """Two torchrun launches (--nnodes=2, one process each) on localhost form one job; trainer.dp_replicate=2 makes
     the mesh 2 (replicate) x 1 (shard): HSDP. Same curve as one process."""
