@@ -89,9 +89,10 @@ class OptimizerConfig:  # AdamW; no weight decay on 1-D parameters (norms, biase
 
 @dataclass
 class LRSchedulerConfig:
-    name: str = "cosine"        # cosine | linear | constant (after a linear warmup)
+    name: str = "cosine"        # cosine | linear | wsd | constant (after a linear warmup)
     warmup_steps: int = 0
     final_lr_scale: float = 0.1  # final lr = optimizer.lr * final_lr_scale
+    decay_fraction: float = 0.2  # wsd (warmup-stable-decay): the last fraction of the steps decays linearly
 
 
 @dataclass
@@ -250,7 +251,9 @@ def validate(cfg: Config):
     o, s = cfg.optimizer, cfg.lr_scheduler
     check(o.lr > 0 and o.eps > 0 and o.weight_decay >= 0, "optimizer.lr and eps must be > 0, weight_decay >= 0")
     check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optimizer.betas must be [b1, b2] in [0, 1), got {o.betas}")
-    check(s.name in ("cosine", "linear", "constant"), f"lr_scheduler.name must be cosine|linear|constant, got {s.name!r}")
+    check(s.name in ("cosine", "linear", "wsd", "constant"),
+          f"lr_scheduler.name must be cosine|linear|wsd|constant, got {s.name!r}")
+    check(0 <= s.decay_fraction <= 1, f"lr_scheduler.decay_fraction must be in [0, 1], got {s.decay_fraction}")
     check(s.warmup_steps >= 0 and 0 <= s.final_lr_scale <= 1, "lr_scheduler: need warmup_steps >= 0, 0 <= final_lr_scale <= 1")
     e = cfg.evaluation
     check(e.limit >= 0 and e.batch_size >= 1 and e.max_new_tokens >= 1 and e.every_n_steps >= 0,
@@ -309,10 +312,16 @@ def checkpoint_dtype(model_dir: Path, default: torch.dtype) -> torch.dtype:
 
 
 def get_lr(step: int, cfg: Config) -> float:
-    """Linear warmup to optimizer.lr, then cosine / linear decay to lr * final_lr_scale at num_steps (or constant)."""
+    """Linear warmup to optimizer.lr, then cosine / linear decay to lr * final_lr_scale at num_steps (or constant);
+    wsd holds the lr after warmup and decays linearly over the last decay_fraction of the steps (MiniCPM's schedule:
+    a run can be continued from a checkpoint taken before the decay)."""
     s, base = cfg.lr_scheduler, cfg.optimizer.lr
     if step < s.warmup_steps:
         return base * (step + 1) / (s.warmup_steps + 1)
+    if s.name == "wsd":
+        decay_start = max(s.warmup_steps, cfg.regime.num_steps - round(s.decay_fraction * cfg.regime.num_steps))
+        progress = max(0.0, min(1.0, (step - decay_start) / max(1, cfg.regime.num_steps - decay_start)))
+        return base * (1 - (1 - s.final_lr_scale) * progress)
     progress = min(1.0, (step - s.warmup_steps) / max(1, cfg.regime.num_steps - s.warmup_steps))
     if s.name == "cosine":
         return base * (s.final_lr_scale + (1 - s.final_lr_scale) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -115,7 +115,8 @@ def test_config_parsing_and_overrides(tiny_data, tmp_path):
     ("regime.num_steps=0", r"regime.num_steps must be >= 1"),
     ("dataset.max_num_tokens=64", r"max_num_tokens=64 < max_seq_len=128"),
     ("trainer.activation_checkpointing=some", r"off\|full\|selective"),
-    ("lr_scheduler.name=step", r"cosine\|linear\|constant"),
+    ("lr_scheduler.name=step", r"cosine\|linear\|wsd\|constant"),
+    ("lr_scheduler.decay_fraction=1.5", r"decay_fraction must be in \[0, 1\]"),
     ("model.path=/nonexistent/model", r"exactly one of model.name"),
     ("regime=3", r"section 'regime' must be a mapping"),
     ("dataset.path=", r"dataset.path is required"),
@@ -150,6 +151,9 @@ def test_lr_schedule():
     assert train.get_lr(60, cfg) == pytest.approx(0.55) and train.get_lr(110, cfg) == pytest.approx(0.1)
     cfg.lr_scheduler.name = "linear"
     assert train.get_lr(60, cfg) == pytest.approx(0.55) and train.get_lr(35, cfg) == pytest.approx(0.775)
+    cfg.lr_scheduler.name, cfg.lr_scheduler.decay_fraction = "wsd", 0.2  # decay over steps 88..110
+    assert train.get_lr(5, cfg) == pytest.approx(6 / 11) and train.get_lr(88, cfg) == 1.0
+    assert train.get_lr(99, cfg) == pytest.approx(0.55) and train.get_lr(110, cfg) == pytest.approx(0.1)
     cfg.lr_scheduler.name = "constant"
     assert train.get_lr(100, cfg) == 1.0
 
