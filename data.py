@@ -112,16 +112,17 @@ class Batch:
     doc_ids: torch.Tensor | None     # (B,T) int32 document index per token (packed rows only)
     num_tokens: int                  # real (non-pad) tokens
     num_label_tokens: int            # labels != -100
+    source: int = -1                 # a mixture's validation batch: the one source of its examples (else -1)
 
     def to(self, device, non_blocking=False) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
         return Batch(move(self.tokens), move(self.labels), move(self.positions), move(self.doc_ids),
-                     self.num_tokens, self.num_label_tokens)
+                     self.num_tokens, self.num_label_tokens, self.source)
 
     def pin_memory(self) -> "Batch":
         pin = lambda t: None if t is None else t.pin_memory()
         return Batch(pin(self.tokens), pin(self.labels), pin(self.positions), pin(self.doc_ids),
-                     self.num_tokens, self.num_label_tokens)
+                     self.num_tokens, self.num_label_tokens, self.source)
 
 
 class BadExample(ValueError):
@@ -538,6 +539,10 @@ def source_configs(cfg: DatasetConfig) -> list[Source]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"{where}.name must be a non-empty string, got {name!r}")
         out.append(Source(where, name, weight, dataclasses.replace(cfg, path=path, sources=[], **overrides)))
+    names = [s.name for s in out]
+    for s in out:
+        if names.count(s.name) > 1:  # the logs and the per-source validation losses are keyed by name
+            raise ValueError(f"{s.where}: another source is also named {s.name!r}: give each source a distinct name")
     return out
 
 
@@ -685,6 +690,17 @@ def plan_epoch(lengths: np.ndarray, cfg: DatasetConfig, seed: int, epoch: int, s
     return [batches[i] for i in rng.permutation(len(batches))] if shuffle else batches
 
 
+def plan_by_source(data: MixedData, cfg: DatasetConfig, seed: int, epoch: int, shuffle: bool) -> list:
+    """plan_epoch within each source of a mixture, one source after the other: no batch mixes sources, so a
+    validation pass can report a loss per source."""
+    plan = []
+    for s in range(len(data.parts)):
+        idx = np.flatnonzero(data.source == s)  # this source's examples, as indices of the mixture
+        plan += [[[int(idx[i]) for i in row] for row in batch]
+                 for batch in plan_epoch(data.lengths[idx], cfg, seed, epoch, shuffle)]
+    return plan
+
+
 def real_token_fraction(plan, lengths, cfg: DatasetConfig) -> float:
     """Real (non-pad) tokens / padded B*T over a plan."""
     real = padded = 0
@@ -776,6 +792,7 @@ class Loader:
         self.data, self.cfg, self.rank, self.world_size, self.seed = data, cfg, rank, world_size, seed
         self.device, self.infinite, self.pad_id = torch.device(device), infinite, pad_id
         self.shuffle = cfg.shuffle and infinite  # a validation pass is always in file order
+        self.by_source = not infinite and isinstance(data, MixedData)  # validation of a mixture: loss per source
         self._plans = {}
         self.batches_per_epoch = len(self.plan(0))  # global batches per epoch
         self.epoch, self.index = 0, 0  # global position of the next batch no rank has taken yet
@@ -784,7 +801,8 @@ class Loader:
     def plan(self, epoch) -> list:
         if epoch not in self._plans:  # the producer thread's plans (the consumer only counts batches)
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}  # keep at most 2 epochs
-            self._plans[epoch] = plan_epoch(self.data.lengths, self.cfg, self.seed, epoch, self.shuffle)
+            self._plans[epoch] = plan_by_source(self.data, self.cfg, self.seed, epoch, self.shuffle) if self.by_source \
+                else plan_epoch(self.data.lengths, self.cfg, self.seed, epoch, self.shuffle)
             # The count depends only on the multiset of lengths (ties never change it), so it is per-loader.
             assert epoch == 0 or len(self._plans[epoch]) == self.batches_per_epoch
         return self._plans[epoch]
@@ -806,7 +824,10 @@ class Loader:
             n = self.batches_per_epoch
             for g in range(index + self.rank, index + self.world_size * -(-(n - index) // self.world_size),
                            self.world_size):
-                batch = collate(self.data, self.plan(epoch)[g % n], self.pad_id, packed_len)
+                rows = self.plan(epoch)[g % n]
+                batch = collate(self.data, rows, self.pad_id, packed_len)
+                if self.by_source:
+                    batch.source = int(self.data.source[rows[0][0]])
                 if g >= n:
                     batch.labels.fill_(-100)
                     batch.num_label_tokens = 0

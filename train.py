@@ -673,17 +673,23 @@ def train(cfg: Config) -> dict:
                 if tb is not None and isinstance(v, (int, float)) and k != "step":
                     tb.add_scalar(k, v, record["step"])
 
-    def validate() -> float:
+    # A mixture's validation batches each hold one source (data.plan_by_source): a loss per source, by name.
+    val_sources = [s["name"] for s in val_loader.data.meta.get("sources", [])] if val_loader else []
+
+    def validate() -> dict:
+        """{"": the loss over the whole split, and per source of a mixture of 2+: {name: loss}."""
         model.eval()
-        sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, supervised tokens
+        sums = torch.zeros(max(1, len(val_sources)), 2, device=device, dtype=torch.float64)  # loss sum, tokens
         with torch.no_grad():
             for b in val_loader:  # one full pass; the same number of batches on every rank
                 with amp():
-                    sums[0] += model(b.tokens, b.positions, b.doc_ids, b.labels).double()
-                sums[1] += b.num_label_tokens
+                    sums[max(b.source, 0), 0] += model(b.tokens, b.positions, b.doc_ids, b.labels).double()
+                sums[max(b.source, 0), 1] += b.num_label_tokens
         model.train()
         all_reduce_sum(sums)
-        return (sums[0] / sums[1].clamp(min=1)).item()
+        mean = lambda s: (s[0] / s[1].clamp(min=1)).item()  # noqa: E731
+        per_source = {name: mean(sums[i]) for i, name in enumerate(val_sources)} if len(val_sources) > 1 else {}
+        return {"": mean(sums.sum(0)), **per_source}
 
     def evaluate() -> dict:
         with torch.compiler.set_stance("force_eager"), amp():  # generation shapes vary every step: no recompiles
@@ -730,9 +736,11 @@ def train(cfg: Config) -> dict:
         last = step >= num_steps
         every = lambda n: n > 0 and step % n == 0  # noqa: E731
         if val_loader and (last or (every(cfg.regime.validate_every_n_steps) and step > start_step)):
-            result["val_loss"] = validate()
-            print0(f"step {step}: validation loss {result['val_loss']:.4f}")
-            publish({"step": step, "val_loss": result["val_loss"]})
+            val = validate()
+            result["val_loss"] = val.pop("")
+            print0(f"step {step}: validation loss {result['val_loss']:.4f}"
+                   + (f" ({', '.join(f'{name} {v:.4f}' for name, v in val.items())})" if val else ""))
+            publish({"step": step, "val_loss": result["val_loss"], **{f"val_loss/{k}": v for k, v in val.items()}})
         if eval_examples and (last or (step == start_step == 0 and cfg.evaluation.at_start)
                               or (every(cfg.evaluation.every_n_steps) and step > start_step)):
             result["eval"] = evaluate()

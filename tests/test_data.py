@@ -516,12 +516,34 @@ def test_mix_config_errors(tmp_path, tok, qa_dir):
     assert len(build_loader(mixed_cfg(tmp_path, [{"path": f, "weight": "5e-1"}]), tok, "train").data) == 5  # YAML str
 
 
+def test_mix_validation_batches_hold_one_source_each(tmp_path, tok):
+    """A mixture's validation pass plans each source apart (plan_by_source): every batch holds one source and says
+    which, so train.py can report a loss per source; every example is seen once, at 1 and 2 ranks."""
+    for tag, n in (("a", 13), ("b", 9)):
+        os.makedirs(tmp_path / tag)
+        write_jsonl(tmp_path / tag / "train.jsonl", tagged_rows(tag, 5))
+        write_jsonl(tmp_path / tag / "valid.jsonl", tagged_rows(tag, n))
+    cfg = mixed_cfg(tmp_path, [{"path": str(tmp_path / "a")}, {"path": str(tmp_path / "b")}], max_seq_len=64,
+                    max_num_tokens=128, valid_split="valid")
+    seen = Counter()
+    for world in (1, 2):
+        for rank in range(world):
+            for b in build_loader(cfg, tok, "valid", rank, world, infinite=False):
+                tags = tags_of([b], tok)
+                if b.num_label_tokens:  # not a filler
+                    assert {t[0] for t in tags} == {"ab"[b.source]}, (b.source, tags)
+                    seen.update(tags)
+    assert seen == Counter({f"{t}{i}": 2 for t, n in (("a", 13), ("b", 9)) for i in range(n)})
+
+
 def test_mix_trains_end_to_end(tmp_path):
     """train.py with two sources (GSM8K-style question/answer and src/tgt): trains, validates, writes metrics."""
     from test_train import tiny_cfg, train_in_process
     data.make_demo_data(tmp_path / "add", n_train=60, n_valid=8, max_value=99)
-    st = write_jsonl(tmp_path / "st.jsonl", qa_rows(30))
-    sources = [{"path": str(tmp_path / "add"), "weight": 1.5}, {"path": st, "src_field": "src", "tgt_field": "tgt"}]
+    write_jsonl(tmp_path / "st" / "train.jsonl", qa_rows(30))
+    write_jsonl(tmp_path / "st" / "valid.jsonl", qa_rows(6, seed=1))
+    sources = [{"path": str(tmp_path / "add"), "weight": 1.5},
+               {"path": str(tmp_path / "st"), "src_field": "src", "tgt_field": "tgt", "name": "plain"}]
     d = tiny_cfg({"path": "", "cache_dir": str(tmp_path / "cache")}, tmp_path / "out",
                  dataset={"sources": sources}, regime={"num_steps": 3},
                  evaluation={"split": "valid", "limit": 2, "max_new_tokens": 4, "at_start": False})
@@ -530,6 +552,13 @@ def test_mix_trains_end_to_end(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
     assert result["step"] == 3 and np.isfinite(result["val_loss"]) and result["eval"]["total"] == 2
+    # validation: one loss per source, and the overall loss is their mean weighted by supervised tokens
+    val = next(r for r in records if "val_loss" in r)
+    n = [build_loader(dataclasses.replace(DatasetConfig(**{k: v for k, v in d["dataset"].items() if k != "sources"}),
+                                          sources=[s]), load_tokenizer("byte"), "valid").data.meta["num_label_tokens"]
+         for s in sources]
+    assert val["val_loss/add"] != val["val_loss/plain"]
+    assert val["val_loss"] == pytest.approx((val["val_loss/add"] * n[0] + val["val_loss/plain"] * n[1]) / sum(n))
 
 
 # ------------------------------------------------------------------------------------------------ bad input
