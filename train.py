@@ -110,6 +110,7 @@ class CheckpointConfig:
     dir: str = "out"         # output directory: config.yaml, metrics.jsonl, checkpoints/ (alias: output_dir)
     resume: bool = True      # continue from the newest complete checkpoint in dir
     export_hf: bool = False  # at the end, write an HF directory (safetensors, config, tokenizer) to <dir>/hf
+    export_dtype: str = "auto"  # auto (the training dtype: bfloat16 on GPU) | bfloat16 | float32
 
 
 @dataclass
@@ -243,6 +244,8 @@ def validate(cfg: Config):
     check(r.publish_metrics_every_n_steps >= 1, "regime.publish_metrics_every_n_steps must be >= 1")
     check(t.device in ("auto", "cpu", "cuda"), f"trainer.device must be auto|cpu|cuda, got {t.device!r}")
     check(t.dtype in ("auto", "float32", "bfloat16"), f"trainer.dtype must be auto|float32|bfloat16, got {t.dtype!r}")
+    check(cfg.checkpoint.export_dtype in ("auto", "float32", "bfloat16"),
+          f"checkpoint.export_dtype must be auto|float32|bfloat16, got {cfg.checkpoint.export_dtype!r}")
     check(t.grad_accum >= 1, f"trainer.grad_accum must be >= 1, got {t.grad_accum}")
     check(t.max_grad_norm >= 0, f"trainer.max_grad_norm must be >= 0, got {t.max_grad_norm}")
     check(t.activation_checkpointing in ("off", "full", "selective"),
@@ -431,14 +434,20 @@ def generation_config(tok) -> dict:
     return gen
 
 
-def export_hf(model, args, tok, out_dir: Path):
-    """Gather the full weights to rank 0's CPU (others get nothing) and write an HF directory."""
+def export_hf(model, args, tok, out_dir: Path, dtype: torch.dtype = torch.float32):
+    """Gather the full weights to rank 0's CPU (others get nothing) and write an HF directory in `dtype`."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
+        sd = {k: v.to(dtype) for k, v in sd.items()}  # a tied head stays one tensor: ours_to_hf writes it once
         model_lib.save_hf(sd, args, out_dir, generation_config=generation_config(tok))
         tok.save(out_dir)
         print0(f"exported HF model to {out_dir}")
     barrier()
+
+
+def export_dtype(name: str, trained: str) -> torch.dtype:
+    """checkpoint.export_dtype: auto = the dtype the run computed in (bf16 on GPU: half the files of fp32)."""
+    return getattr(torch, (trained if name == "auto" else name).removeprefix("torch."))
 
 
 def load_checkpoint_model(ckpt_dir) -> tuple[torch.nn.Module, dict]:
@@ -449,7 +458,8 @@ def load_checkpoint_model(ckpt_dir) -> tuple[torch.nn.Module, dict]:
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)  # our own file
     model = model_lib.empty_model(model_lib.ModelArgs(**state["model_args"]))  # every weight is read below
     sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
+    with quiet_single_process_dcp():
+        dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(sd)
     return model, state
 
@@ -459,7 +469,8 @@ def export_checkpoint(ckpt_dir: str, out_dir: str):
     model, state = load_checkpoint_model(ckpt_dir)
     tok_cfg, model_cfg = state["config"]["tokenizer"], state["config"]["model"]
     tok = load_tokenizer(tok_cfg["path"] or model_cfg["path"], tok_cfg["chat_format"])
-    export_hf(model, model.args, tok, Path(out_dir))
+    dtype = export_dtype(state["config"]["checkpoint"].get("export_dtype", "auto"), state.get("dtype", "float32"))
+    export_hf(model, model.args, tok, Path(out_dir), dtype)
 
 
 def load_eval_examples(cfg: Config) -> list[dict]:
@@ -653,7 +664,7 @@ def train(cfg: Config) -> dict:
     if ckpts:
         step = load_checkpoint(ckpts[-1], model, optimizer, train_loader)
         print0(f"resumed from {ckpts[-1]} at step {step}")
-    extra = {"model_args": asdict(args), "config": asdict(cfg)}  # for `--export` and for humans
+    extra = {"model_args": asdict(args), "config": asdict(cfg), "dtype": str(dtype)}  # for `--export` and for humans
 
     # --- logging
     metrics_file = open(out_dir / "metrics.jsonl", "a") if is_master else None
@@ -821,7 +832,7 @@ def train(cfg: Config) -> dict:
 
     # --- final export
     if cfg.checkpoint.export_hf and not result.get("stopped"):
-        export_hf(model, args, tok, out_dir / "hf")
+        export_hf(model, args, tok, out_dir / "hf", export_dtype(cfg.checkpoint.export_dtype, str(dtype)))
     result["step"] = step
     if metrics_file:
         metrics_file.close()

@@ -117,6 +117,7 @@ def test_config_parsing_and_overrides(tiny_data, tmp_path):
     ("trainer.activation_checkpointing=some", r"off\|full\|selective"),
     ("lr_scheduler.name=step", r"cosine\|linear\|wsd\|constant"),
     ("lr_scheduler.decay_fraction=1.5", r"decay_fraction must be in \[0, 1\]"),
+    ("checkpoint.export_dtype=fp16", r"checkpoint.export_dtype must be auto\|float32\|bfloat16"),
     ("model.path=/nonexistent/model", r"exactly one of model.name"),
     ("regime=3", r"section 'regime' must be a mapping"),
     ("dataset.path=", r"dataset.path is required"),
@@ -213,6 +214,31 @@ def test_untrained_special_tokens_the_data_uses_are_fixed_at_load(tiny_data, tmp
     assert "model: 2 untrained (all-zero) embedding rows; the data uses 1, set to the mean embedding: <|eos|>" in out
     assert data.ids_present(data.build_loader(train.load_config([write_cfg(cfg, tmp_path / "c.yaml")]).dataset,
                                               train.load_tokenizer("byte", ""), "train").data, [257, 259]) == [257]
+
+
+def test_hf_export_dtype(tiny_data, tmp_path):
+    """checkpoint.export_dtype: auto = the training dtype (float32 on one CPU process, bfloat16 when training in
+    bf16); the files, config.json and `--export` of the checkpoint agree, and transformers loads them."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
+    for name, trainer, export, want in [("fp32", {}, "auto", "float32"),
+                                        ("bf16", {"dtype": "bfloat16"}, "auto", "bfloat16"),
+                                        ("forced", {}, "bfloat16", "bfloat16")]:
+        cfg = tiny_cfg(tiny_data, tmp_path / name, regime={"num_steps": 1}, trainer=trainer,
+                       dataset={"valid_split": ""}, checkpoint={"export_hf": True, "export_dtype": export})
+        train_in_process(cfg, tmp_path, f"{name}.yaml")
+        ckpt = train.complete_checkpoints(tmp_path / name / "checkpoints")[-1]
+        train.main(["--export", str(ckpt), str(tmp_path / name / "hf2")])
+        for hf_dir in (tmp_path / name / "hf", tmp_path / name / "hf2"):
+            with safe_open(hf_dir / "model.safetensors", "pt") as f:
+                assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {f"torch.{want}"}, (name, hf_dir)
+            assert json.loads((hf_dir / "config.json").read_text())["dtype"] == want
+        ours, _ = train.load_checkpoint_model(ckpt)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name / "hf", dtype=torch.float32)
+        tokens = torch.randint(0, 261, (1, 12))
+        with torch.no_grad():
+            tol = 1e-4 if want == "float32" else 5e-2
+            torch.testing.assert_close(hf(tokens).logits, ours(tokens), atol=tol, rtol=tol)
 
 
 def test_demo_short_and_hf_export(tmp_path):
