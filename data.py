@@ -67,9 +67,9 @@ import torch
 
 from tokenizer import TRAIN_ON
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: chat records with tools render them (2 ignored them)
 ENCODE_MODES = ("prompt", "prompt_response", "as_is")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool", "ipython")  # all formats' roles; render_chat checks its own
 POOL_MIN_BYTES = 1 << 20  # below ~1 MB of data, forking tokenizer workers costs more than it saves
 
 
@@ -226,9 +226,9 @@ def _string_field(obj, key, where):
     return obj[key]
 
 
-def _render(tokenizer, messages, train_on, where):
+def _render(tokenizer, messages, train_on, where, tools=None):
     try:
-        return tokenizer.render_chat(messages, train_on=train_on)
+        return tokenizer.render_chat(messages, train_on=train_on, tools=tools)
     except ValueError as e:  # e.g. a role the chat format lacks: name the line
         raise BadExample("bad_field", f"{where}: {e}") from None
 
@@ -240,11 +240,12 @@ def encode_example(obj: dict, cfg: DatasetConfig, tokenizer, where: str) -> tupl
         messages = obj[key]
         if not isinstance(messages, list) or not messages:
             raise BadExample("bad_field", f"{where}: field '{key}' must be a non-empty list of messages")
-        for j, m in enumerate(messages):
-            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-                raise BadExample("bad_field", f"{where}: {key}[{j}] must be {{\"role\": system|user|assistant, "
-                                              f"\"content\": string}}, got {str(m)[:100]}")
-        return _render(tokenizer, messages, train_on, where)
+        for j, m in enumerate(messages):  # content and tool_calls types are checked by render_chat, per format
+            if not (isinstance(m, dict) and m.get("role") in ROLES and "content" in m):
+                raise BadExample("bad_field", f"{where}: {key}[{j}] must be {{\"role\": {'|'.join(ROLES)}, "
+                                              f"\"content\": ...}}, got {str(m)[:100]}")
+        # "tools": function schemas, as apply_chat_template(tools=...) takes them (render_chat checks them)
+        return _render(tokenizer, messages, train_on, where, obj.get("tools"))
     src = _string_field(obj, cfg.src_field, where)
     tgt = _string_field(obj, cfg.tgt_field, where)
     if not tgt:

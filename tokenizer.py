@@ -28,6 +28,12 @@ Chat formats (render_chat -> (ids, mask), built from special-token ids, never by
   "jinja" format tokenizes the rendered text, so there they do become control tokens. Non-special added tokens (Qwen's
   <think>, <tool_call>) are matched in text, as HF does. The llama3 default date is the template's fallback
   "26 Jul 2024" (transformers passes strftime_now, i.e. today): pass date_string= to change it.
+Tool calling (render_chat(..., tools=[function schemas])): messages may have role "tool" (and "ipython" for llama3) and
+assistant "tool_calls"; qwen3 and llama3 render them byte-for-byte like their templates (qwen3: "# Tools" system
+block, <tool_call> blocks, tool responses grouped in one user turn; llama3: tools in the first user message unless
+tools_in_user_message=False, ONE call per assistant message as {"name", "parameters"}, tool turns under "ipython").
+Tool calls are supervised like assistant content; tools and tool responses never are (except train_on="all").
+"chatml" has no tool format and refuses them; "jinja" passes tools to the template.
 
 Tests: python3 -m pytest -q -x tests/test_tokenizer.py    Benchmark: python3 bench/tokenize.py
 """
@@ -56,6 +62,26 @@ CHAT_FORMATS = ("llama3", "qwen3", "chatml", "jinja")
 TRAIN_ON = ("assistant", "last_assistant", "all")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "chat_template.jinja")
+
+
+# The Llama 3.1+/3.2 template's tool guidance (llama3.2-instruct.jinja), verbatim
+LLAMA3_TOOL_FORMAT = ('Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+                      'value}.Do not use variables.\n\n')
+LLAMA3_TOOLS_USER = ("Given the following functions, please respond with a JSON for a function call with its proper "
+                     "arguments that best answers the given prompt.\n\n" + LLAMA3_TOOL_FORMAT)
+LLAMA3_TOOLS_SYSTEM = ("You have access to the following functions. To call a function, please respond with JSON for a "
+                       "function call." + LLAMA3_TOOL_FORMAT)
+# qwen3.jinja's "# Tools" system block, around the tool schemas (one tojson line each)
+QWEN3_TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+                    "with function signatures within <tools></tools> XML tags:\n<tools>")
+QWEN3_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                    "<args-json-object>}\n</tool_call>")
+
+
+def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' chat-template `tojson` filter (utils/chat_template_utils.py): plain json.dumps, non-ASCII kept."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -169,25 +195,27 @@ class Tokenizer:
         return 1 if self.backend == "byte" else len(self.model.decode_single_token_bytes(i))
 
     # ---------------------------------------------------------------- chat
-    def render_chat(self, messages, add_generation_prompt=False, train_on="assistant", **template_kwargs):
-        """(ids, mask): mask[i] = 1 iff ids[i] is supervised. train_on: "assistant" (each assistant turn's content and
-        its end-of-turn token), "last_assistant" (only the last one), "all" (every token, prompt included).
+    def render_chat(self, messages, add_generation_prompt=False, train_on="assistant", tools=None, **template_kwargs):
+        """(ids, mask): mask[i] = 1 iff ids[i] is supervised. train_on: "assistant" (each assistant turn's content,
+        tool calls and end-of-turn token), "last_assistant" (only the last one), "all" (every token, prompt included).
+        tools: function schemas, as apply_chat_template(tools=...) takes them.
         A conversation without an assistant turn gives an all-zero mask (callers must check `any(mask)`)."""
         if train_on not in TRAIN_ON:
             raise ValueError(f"unknown train_on {train_on!r}; expected one of {TRAIN_ON}")
-        _check_messages(messages, self.chat_format)
-        known = {"llama3": {"date_string"}, "qwen3": {"enable_thinking"}, "chatml": set()}.get(self.chat_format)
+        _check_messages(messages, self.chat_format, tools)
+        known = {"llama3": {"date_string", "tools_in_user_message"}, "qwen3": {"enable_thinking"},
+                 "chatml": set()}.get(self.chat_format)
         if known is not None and (unknown := set(template_kwargs) - known):
             raise ValueError(f"chat_format {self.chat_format!r} got unknown kwargs {sorted(unknown)}; "
                              f"it takes {sorted(known)}")
         if self.chat_format == "llama3":
-            segs = self._llama3(messages, add_generation_prompt, **template_kwargs)
+            segs = self._llama3(messages, add_generation_prompt, tools, **template_kwargs)
         elif self.chat_format == "qwen3":
-            segs = self._qwen3(messages, add_generation_prompt, **template_kwargs)
+            segs = self._qwen3(messages, add_generation_prompt, tools, **template_kwargs)
         elif self.chat_format == "chatml":
             segs = self._chatml(messages, add_generation_prompt)
         elif self.chat_format == "jinja":
-            segs = self._jinja_segments(messages, add_generation_prompt, **template_kwargs)
+            segs = self._jinja_segments(messages, add_generation_prompt, tools=tools, **template_kwargs)
         else:
             raise ValueError(f"tokenizer from {self.files} has no chat format: pass chat_format= to load_tokenizer")
         last = max((turn for _, turn in segs), default=-1)
@@ -235,28 +263,45 @@ class Tokenizer:
 
     # Each format builds segments (special id | text, turn) with turn = index of the assistant turn the piece is
     # supervised for, -1 for prompt. Comments quote the HF template lines they replicate.
-    def _llama3(self, messages, add_generation_prompt, date_string="26 Jul 2024"):
+    def _llama3(self, messages, add_generation_prompt, tools=None, date_string="26 Jul 2024",
+                tools_in_user_message=True):
         S = self.special
         head = lambda role: [(S["<|start_header_id|>"], -1), (role, -1), (S["<|end_header_id|>"], -1), ("\n\n", -1)]
+        eot = lambda t: (S["<|eot_id|>"], t)
         segs = [(self.bos_id, -1)] if self.bos_id is not None else []
         system = ""
         if messages[0]["role"] == "system":  # system_message = messages[0]['content']|trim
             system, messages = messages[0]["content"].strip(), messages[1:]
+        functions = "".join(tojson(t, indent=4) + "\n\n" for t in tools or [])  # t | tojson(indent=4) + "\n\n"
+        if tools is not None and not tools_in_user_message:
+            system = LLAMA3_TOOLS_SYSTEM + functions + system
         system = "Cutting Knowledge Date: December 2023\nToday Date: " + date_string + "\n\n" + system
-        segs += head("system") + [(system, -1), (S["<|eot_id|>"], -1)]
+        if tools is not None:  # {%- if tools is not none %} (an empty list counts)
+            system = "Environment: ipython\n" + system
+        segs += head("system") + [(system, -1), eot(-1)]
+        if tools is not None and tools_in_user_message:  # the first user message carries the tools
+            if not messages or messages[0]["role"] != "user":  # the template raises (no messages) or mislabels
+                raise ValueError("render_chat: llama3 puts tools in the first user message, but the first non-system "
+                                 "message is not a user message (tools_in_user_message=False puts them in the system)")
+            segs += head("user") + [(LLAMA3_TOOLS_USER + functions + messages[0]["content"].strip(), -1), eot(-1)]
+            messages = messages[1:]
         turn = 0
         for m in messages:
+            t = turn if m["role"] == "assistant" else -1
+            turn += m["role"] == "assistant"
             if m["role"] in ("tool", "ipython"):  # header "ipython"; content | tojson (a str is "iterable" in Jinja)
-                segs += head("ipython") + [(json.dumps(m["content"], ensure_ascii=False), -1), (S["<|eot_id|>"], -1)]
+                segs += head("ipython") + [(tojson(m["content"]), -1), eot(-1)]
+            elif m.get("tool_calls") is not None:  # one call: {"name": ..., "parameters": arguments | tojson}
+                call = m["tool_calls"][0]["function"]
+                text = '{"name": "' + call["name"] + '", "parameters": ' + tojson(call["arguments"]) + "}"
+                segs += head("assistant") + [(text, t), eot(t)]
             else:  # '<|start_header_id|>' + role + '<|end_header_id|>\n\n' + content|trim + '<|eot_id|>'
-                t = turn if m["role"] == "assistant" else -1
-                turn += m["role"] == "assistant"
-                segs += head(m["role"]) + [(m["content"].strip(), t), (S["<|eot_id|>"], t)]
+                segs += head(m["role"]) + [(m["content"].strip(), t), eot(t)]
         if add_generation_prompt:
             segs += head("assistant")
         return segs
 
-    def _qwen3(self, messages, add_generation_prompt, enable_thinking=True):
+    def _qwen3(self, messages, add_generation_prompt, tools=None, enable_thinking=True):
         start, end = self.special["<|im_start|>"], self.special["<|im_end|>"]
         # last_query_index: the last user message that is not a wrapped tool response
         last_query = len(messages) - 1
@@ -267,9 +312,13 @@ class Tokenizer:
                 last_query = i
                 break
         segs, turn = [], 0
+        if tools:  # one system turn: the system message (if any), then the "# Tools" block
+            system = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else ""
+            block = system + QWEN3_TOOLS_HEAD + "".join("\n" + tojson(t) for t in tools) + QWEN3_TOOLS_TAIL
+            segs += [(start, -1), ("system\n" + block, -1), (end, -1), ("\n", -1)]
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
-            if role in ("user", "system"):
+            if role == "user" or (role == "system" and not (i == 0 and tools)):
                 segs += [(start, -1), (role + "\n" + content, -1), (end, -1), ("\n", -1)]
             elif role == "assistant":
                 reasoning = ""
@@ -280,11 +329,17 @@ class Tokenizer:
                     content = content.split("</think>")[-1].lstrip("\n")
                 # turns after the last user query keep their think block (the last one always, even if empty);
                 # earlier turns drop it: this is why Qwen3 multi-turn rendering is not prefix-stable
+                text = content
                 if i > last_query and (i == len(messages) - 1 or reasoning):
-                    content = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
-                segs += [(start, -1), ("assistant\n", -1), (content, turn), (end, turn), ("\n", -1)]
+                    text = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+                for k, call in enumerate(m.get("tool_calls") or []):
+                    call = call.get("function") or call  # {"function": {...}} or the call itself
+                    args = call["arguments"] if isinstance(call["arguments"], str) else tojson(call["arguments"])
+                    text += ("\n" if k or content else "") + '<tool_call>\n{"name": "' + call["name"] + \
+                        '", "arguments": ' + args + "}\n</tool_call>"
+                segs += [(start, -1), ("assistant\n", -1), (text, turn), (end, turn), ("\n", -1)]
                 turn += 1
-            else:  # tool: consecutive tool messages share one user turn
+            elif role == "tool":  # consecutive tool messages share one user turn
                 if i == 0 or messages[i - 1]["role"] != "tool":
                     segs += [(start, -1), ("user", -1)]
                 segs += [("\n<tool_response>\n" + content + "\n</tool_response>", -1)]
@@ -305,7 +360,7 @@ class Tokenizer:
             segs += [(start, -1), ("assistant\n", -1)]
         return segs
 
-    def render_jinja(self, messages, add_generation_prompt=False, **kwargs) -> str:
+    def render_jinja(self, messages, add_generation_prompt=False, tools=None, **kwargs) -> str:
         """The chat_template rendered as transformers' apply_chat_template(tokenize=False) does (same jinja options,
         tojson, raise_exception, strftime_now; special tokens passed by name)."""
         if self._jinja is None:
@@ -321,13 +376,12 @@ class Tokenizer:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
-                json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+            env.filters["tojson"] = tojson
             env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
             self._jinja = env.from_string(self.chat_template)
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         tokens = {k: self.id_to_special[v] for k, v in names.items() if v in self.id_to_special}
-        return self._jinja.render(messages=messages, tools=None, documents=None,
+        return self._jinja.render(messages=messages, tools=tools, documents=None,
                                   add_generation_prompt=add_generation_prompt, **{**tokens, **kwargs})
 
     def _jinja_segments(self, messages, add_generation_prompt, **kwargs):
@@ -366,23 +420,53 @@ class Tokenizer:
         return [str(Path(directory) / Path(f).name) for f in self.files]
 
 
-def _check_messages(messages, chat_format):
+def _check_messages(messages, chat_format, tools=None):
+    """One-line errors for what the renderers (or the templates they replicate) cannot render."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("render_chat: messages must be a non-empty list of {'role', 'content'} dicts")
+    if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"render_chat: tools must be a list of function-schema dicts, got {tools!r:.80}")
     roles = {"llama3": ("system", "user", "assistant", "tool", "ipython"),
              "qwen3": ("system", "user", "assistant", "tool"), "chatml": ("system", "user", "assistant")}.get(chat_format)
+    no_tools = "chat_format 'chatml' has no tool-calling format; use qwen3, llama3 or jinja"
+    if tools is not None and chat_format == "chatml":
+        raise ValueError(f"render_chat: got tools, but {no_tools}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise ValueError(f"render_chat: messages[{i}] must be a dict with 'role' and 'content', got {m!r:.80}")
-        if roles is not None and m["role"] not in roles:
-            raise ValueError(f"render_chat: messages[{i}] has unknown role {m['role']!r}; {chat_format} supports {roles}")
-        if not isinstance(m["content"], str):
+        role, calls = m["role"], m.get("tool_calls")
+        if chat_format == "chatml" and (role in ("tool", "ipython") or calls is not None):
+            raise ValueError(f"render_chat: messages[{i}] is a tool {'call' if calls is not None else 'message'}, "
+                             f"but {no_tools}")
+        if roles is not None and role not in roles:
+            raise ValueError(f"render_chat: messages[{i}] has unknown role {role!r}; {chat_format} supports {roles}")
+        # the llama3 template tojson's a tool result that is a mapping or list
+        content_types = (str, dict, list) if role in ("tool", "ipython") and chat_format in ("llama3", "jinja") else str
+        if not isinstance(m["content"], content_types):
             raise ValueError(f"render_chat: messages[{i}]['content'] must be a str, got {type(m['content']).__name__}")
         if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
             raise ValueError(f"render_chat: messages[{i}]['reasoning_content'] must be a str or None")
-        if m.get("tool_calls") and chat_format != "jinja":
-            raise ValueError(f"render_chat: messages[{i}] has tool_calls, which built-in formats do not render; "
-                             "use chat_format='jinja'")
+        if calls is not None:  # None (Parquet fills missing fields with it) means no tool calls
+            _check_tool_calls(calls, f"render_chat: messages[{i}]", role, chat_format)
+
+
+def _check_tool_calls(calls, where, role, chat_format):
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}['tool_calls'] must be a list, got {type(calls).__name__}")
+    if role != "assistant":
+        raise ValueError(f"{where} has tool_calls but role {role!r}; only assistant messages call tools")
+    if chat_format == "llama3" and len(calls) != 1:  # the template: raise_exception("... single tool-calls at once!")
+        raise ValueError(f"{where} has {len(calls)} tool calls; llama3 renders exactly one per assistant message")
+    if chat_format == "jinja":
+        return  # the template decides what it accepts
+    for k, call in enumerate(calls):
+        # Qwen3 accepts the call with or without the {"function": ...} wrapper; the llama3 template needs it
+        fn = call.get("function") if isinstance(call, dict) and (call.get("function") or chat_format == "llama3") \
+            else call
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), (dict, str))):
+            optional = "" if chat_format == "llama3" else " (the function wrapper is optional)"
+            raise ValueError(f"{where}['tool_calls'][{k}] must be {{'function': {{'name': str, 'arguments': dict or "
+                             f"JSON string}}}}{optional}, got {call!r:.80}")
 
 
 def visualize(ids, mask, tokenizer) -> str:

@@ -154,6 +154,27 @@ def test_real_tokenizers_masks(tmp_path, llama3_tokenizer_dir, qwen3_tokenizer_d
         assert "7*6 = 42\n#### 42" in t.decode([i for i, m in zip(ids, mask) if m])
 
 
+def test_tool_records_real_tokenizers(tmp_path, llama3_tokenizer_dir, qwen3_tokenizer_dir):
+    """A record's "tools" and tool messages reach render_chat; tool calls are trained, tool responses are not."""
+    tools = [{"type": "function", "function": {"name": "add", "description": "Summe",
+                                               "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
+    conv = [{"role": "user", "content": "1+1?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                 "function": {"name": "add", "arguments": {"a": 1}}}]},
+            {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}]
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": conv, "tools": tools}])
+    for d in (llama3_tokenizer_dir, qwen3_tokenizer_dir):
+        t = load_tokenizer(str(d))
+        ids, mask = example_of(build_loader(cfg_for(tmp_path, f), t, "train"), 0)
+        assert (ids, mask) == tuple(map(list, t.render_chat(conv, tools=tools)))
+        text, sup = t.decode(ids), t.decode([i for i, m in zip(ids, mask) if m])
+        assert "Summe" in text and "Summe" not in sup  # the tools are rendered, never trained
+        assert '"add"' in sup and sup.count(t.decode([t.eot_id])) == 2  # the call and the answer, each with end-of-turn
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": conv}, {"messages": [{**conv[1], "tool_calls": conv[1]}]}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: render_chat: messages\[0\]\['tool_calls'\] must be a list"):
+        build_loader(cfg_for(tmp_path, bad), t, "train")
+
+
 # ------------------------------------------------------------------------------------------------ sources
 
 def test_path_kinds(tmp_path, tok):
@@ -576,6 +597,16 @@ BAD = {  # name: (file content bytes, message, reason counted with skip_bad_exam
     "not_object": (GOOD + "\n[1, 2]", r"d\.jsonl:2: expected a JSON object", "invalid_json"),
     "bad_messages": (GOOD + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
                      r"d\.jsonl:2: messages\[0\]", "bad_field"),
+    # tool calling: the byte tokenizer's chatml has no tool format; malformed tools / tool_calls
+    "tool_role_chatml": (GOOD + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"},
+                                                               {"role": "tool", "content": "y"}]}),
+                         r"d\.jsonl:2: render_chat: messages\[1\] is a tool message, but chat_format 'chatml'",
+                         "bad_field"),
+    "tools_not_list": (json.dumps({"messages": [{"role": "user", "content": "x"}], "tools": "f"}) + "\n" + GOOD,
+                       r"d\.jsonl:1: render_chat: tools must be a list", "bad_field"),
+    "tool_call_chatml": (GOOD + "\n" + json.dumps({"messages": [{"role": "assistant", "content": "",
+                                                                "tool_calls": [{"name": "f", "arguments": {}}]}]}),
+                         r"d\.jsonl:2: render_chat: messages\[0\] is a tool call, but chat_format 'chatml'", "bad_field"),
 }
 
 
