@@ -525,6 +525,14 @@ def test_tool_bad_input(llama, qwen):
     qwen["json"].render_chat(two, tools=[WEATHER])
     # llama3 tools without a user message are fine in the system prompt
     llama["json"].render_chat([{"role": "assistant", "content": "a"}], tools=[WEATHER], tools_in_user_message=False)
+    # OpenAI-style "content": null beside tool_calls renders as "" (the templates need a string); without calls it
+    # stays an error
+    for tok in (llama["json"], qwen["json"]):
+        calling = weather + [{"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "a"})]}]
+        nulled = [dict(m, content=None) if "tool_calls" in m else m for m in calling]
+        assert tok.render_chat(nulled, tools=[WEATHER]) == tok.render_chat(calling, tools=[WEATHER])
+        with pytest.raises(ValueError, match=r"messages\[1\]\['content'\] must be a str, got NoneType"):
+            tok.render_chat(weather + [{"role": "assistant", "content": None}])
 
 
 def test_tool_jinja_format(llama_jinja_dir, llama):
