@@ -451,28 +451,31 @@ def test_untrained_tokens_found_and_set_to_the_mean(tie):
     assert M.untrained_token_ids(m) == [7] and (m.output.weight is m.tok_embeddings.weight) == tie
 
 
-@pytest.mark.parametrize("mask", ["causal", "documents", "cache"])
+@pytest.mark.parametrize("mask", ["causal", "documents", "cache", "flex"])
 def test_block_compiles_without_graph_breaks(mask):
     """train.py compiles each block: a graph break there (a .item(), a Python branch on a tensor) would silently split
-    it and cost speed. fullgraph=True turns a break into an error; aot_eager also traces the backward."""
+    it and cost speed. fullgraph=True turns a break into an error; aot_eager also traces the backward (not for flex:
+    FlexAttention has no CPU backward; its BlockMask path is the one CUDA training takes)."""
     torch._dynamo.reset()
     m = tiny("tiny_qwen3")
     B, T = 2, 16
-    x = torch.randn(B, T, m.args.dim, requires_grad=mask != "cache")
+    x = torch.randn(B, T, m.args.dim, requires_grad=mask not in ("cache", "flex"))
     positions = torch.arange(T).expand(B, T)
     freqs = (positions[..., None].float() * M.rope_inv_freq(m.args)).repeat(1, 1, 2)[:, None]  # (B,1,T,head_dim)
     cos, sin = freqs.cos(), freqs.sin()
     cache = KVCache(m.args, B, 32, "cpu", torch.float32) if mask == "cache" else None
     same_doc = torch.arange(T)[:, None] // 8 == torch.arange(T) // 8  # two documents of 8
     attn_mask = {"causal": None, "cache": (torch.arange(32) <= positions[:, :, None])[:, None],
-                 "documents": (torch.ones(T, T, dtype=torch.bool).tril() & same_doc)[None, None]}[mask]
+                 "documents": (torch.ones(T, T, dtype=torch.bool).tril() & same_doc)[None, None],
+                 "flex": M.document_block_mask((torch.arange(T) // 8).expand(B, T).contiguous())}[mask]
     block = m.layers[0]
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    out = compiled(x, cos, sin, attn_mask, cache, positions if cache else None)
-    ref = block(x, cos, sin, attn_mask, KVCache(m.args, B, 32, "cpu", torch.float32) if cache else None,
-                positions if cache else None)
+    with torch.set_grad_enabled(mask not in ("cache", "flex")):
+        out = compiled(x, cos, sin, attn_mask, cache, positions if cache else None)
+        ref = block(x, cos, sin, attn_mask, KVCache(m.args, B, 32, "cpu", torch.float32) if cache else None,
+                    positions if cache else None)
     torch.testing.assert_close(out, ref)
-    if mask != "cache":
+    if mask not in ("cache", "flex"):
         out.sum().backward()
 
 
