@@ -241,7 +241,7 @@ def encode_example(obj: dict, cfg: DatasetConfig, tokenizer, where: str) -> tupl
         if not isinstance(messages, list) or not messages:
             raise BadExample("bad_field", f"{where}: field '{key}' must be a non-empty list of messages")
         for j, m in enumerate(messages):  # content and tool_calls types are checked by render_chat, per format
-            if not (isinstance(m, dict) and m.get("role") in ROLES and "content" in m):
+            if not (isinstance(m, dict) and m.get("role") in ROLES and ("content" in m or m.get("tool_calls"))):
                 raise BadExample("bad_field", f"{where}: {key}[{j}] must be {{\"role\": {'|'.join(ROLES)}, "
                                               f"\"content\": ...}}, got {str(m)[:100]}")
         # "tools": function schemas, as apply_chat_template(tools=...) takes them (render_chat checks them)
@@ -850,7 +850,13 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "batches_per_epoch": self.batches_per_epoch, "examples_per_epoch": len(self.data)}
+                "batches_per_epoch": self.batches_per_epoch, "examples_per_epoch": len(self.data),
+                "mixture": self._mixture()}
+
+    def _mixture(self) -> list:
+        # [name, weight, examples per epoch] of each source: weights swapped between sources of equal size, or
+        # sources reordered (the picks are seeded by position), keep the totals but not the data
+        return [[s["name"], s["weight"], s["count"]] for s in self.data.meta.get("sources", [])]
 
     def load_state_dict(self, sd: dict) -> None:
         mine = (self.seed, self.batches_per_epoch, len(self.data))
@@ -860,6 +866,9 @@ class Loader:
                              f"epoch) does not match this loader (seed {mine[0]}, {mine[1]} batches, {mine[2]} "
                              "examples): the seed, the dataset, its weights or the batching options changed since the "
                              "checkpoint")
+        if sd.get("mixture", self._mixture()) != self._mixture():
+            raise ValueError(f"data loader state: the checkpoint's mixture [name, weight, examples] {sd['mixture']} "
+                             f"is not this run's {self._mixture()}: dataset.sources changed since the checkpoint")
         self.close()
         self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
 

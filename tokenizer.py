@@ -202,8 +202,9 @@ class Tokenizer:
         A conversation without an assistant turn gives an all-zero mask (callers must check `any(mask)`)."""
         if train_on not in TRAIN_ON:
             raise ValueError(f"unknown train_on {train_on!r}; expected one of {TRAIN_ON}")
-        # OpenAI-style data writes "content": null beside tool_calls; the templates need a string: "" renders the same
-        messages = [dict(m, content="") if isinstance(m, dict) and m.get("content", 0) is None and m.get("tool_calls")
+        # OpenAI-style data writes "content": null (or no content) beside tool_calls; the templates need a string,
+        # and "" renders the same
+        messages = [dict(m, content="") if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls")
                     else m for m in messages] if isinstance(messages, (list, tuple)) else messages
         _check_messages(messages, self.chat_format, tools)
         known = {"llama3": {"date_string", "tools_in_user_message"}, "qwen3": {"enable_thinking"},

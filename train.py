@@ -581,17 +581,6 @@ def train(cfg: Config) -> dict:
     val_loader = data.build_loader(cfg.dataset, tok, cfg.dataset.valid_split, infinite=False, **loader_kw) \
         if cfg.dataset.valid_split else None
     eval_examples = load_eval_examples(cfg) if cfg.evaluation.split else None
-    if cfg.regime.num_data_epochs:
-        # fairseq2's num_data_epochs: num_steps and the epochs are both limits, the earlier one ends the run, and
-        # the lr schedule spans the steps actually run. A step takes world x grad_accum of the global batches.
-        per_step = world * cfg.trainer.grad_accum
-        epoch_steps = math.ceil(cfg.regime.num_data_epochs * train_loader.batches_per_epoch / per_step)
-        binding = "the data epochs" if epoch_steps <= cfg.regime.num_steps else \
-            f"regime.num_steps (raise it for all {cfg.regime.num_data_epochs} epochs)"
-        print0(f"regime: {cfg.regime.num_data_epochs} data epoch(s) = {epoch_steps} steps of {per_step} global "
-               f"batches, num_steps={cfg.regime.num_steps}: stopping after {min(epoch_steps, cfg.regime.num_steps)} "
-               f"steps, set by {binding}")
-        cfg.regime.num_steps = min(cfg.regime.num_steps, epoch_steps)
 
     # --- model: meta-device build -> AC -> compile -> FSDP2 -> materialize shards -> rank 0 loads, broadcasts
     # Rank 0 alone holds the full weights (pretrained, or a seeded random init identical at any world size); the
@@ -664,6 +653,19 @@ def train(cfg: Config) -> dict:
     if ckpts:
         step = load_checkpoint(ckpts[-1], model, optimizer, train_loader)
         print0(f"resumed from {ckpts[-1]} at step {step}")
+    if cfg.regime.num_data_epochs:
+        # fairseq2's num_data_epochs: num_steps and the epochs are both limits, the earlier one ends the run, and
+        # the lr schedule spans the steps actually run. A step takes world x grad_accum of the global batches; what is
+        # left is counted from the loader's position, so a run resumed at another world size stops after the same data.
+        per_step, bpe = world * cfg.trainer.grad_accum, train_loader.batches_per_epoch
+        left = max(0, cfg.regime.num_data_epochs * bpe - (train_loader.epoch * bpe + train_loader.index))
+        epoch_steps = step + math.ceil(left / per_step)
+        binding = "the data epochs" if epoch_steps <= cfg.regime.num_steps else \
+            f"regime.num_steps (raise it for all {cfg.regime.num_data_epochs} epochs)"
+        print0(f"regime: {cfg.regime.num_data_epochs} data epoch(s) = {epoch_steps} steps of {per_step} global "
+               f"batches, num_steps={cfg.regime.num_steps}: stopping after {min(epoch_steps, cfg.regime.num_steps)} "
+               f"steps, set by {binding}")
+        cfg.regime.num_steps = min(cfg.regime.num_steps, epoch_steps)
     extra = {"model_args": asdict(args), "config": asdict(cfg), "dtype": str(dtype)}  # for `--export` and for humans
 
     # --- logging
@@ -726,17 +728,21 @@ def train(cfg: Config) -> dict:
     prof = None  # a torch.profiler run over trainer.profile_steps
     # SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before preemption) ask for a checkpoint at the end of the step.
     # The ranks agree through the step's count all-reduce, so all of them stop after the same step.
-    signalled, stop = [0.0], False
+    # The handler only sets a flag: printing from it could re-enter a stdout write the signal interrupted.
+    signalled, stop = [0.0, None], False  # [flag, signal number]
 
     def on_signal(signum, frame):
-        signalled[0] = 1.0
-        print(f"rank {rank}: got {signal.Signals(signum).name}: checkpoint and stop after this step", flush=True)
+        signalled[:] = [1.0, signum]
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the old ones
     while True:
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         if stop:
+            if signalled[1] is not None:
+                print(f"rank {rank}: got {signal.Signals(signalled[1]).name}: checkpoint and stop", flush=True)
+            if prof is not None:  # stopped inside trainer.profile_steps: keep what was traced
+                finish_profiler(prof, out_dir / "profile", rank, [cfg.trainer.profile_steps[0], step], device)
             if step > start_step:
                 path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
                                        cfg.regime.keep_last_n_checkpoints)

@@ -462,6 +462,13 @@ def test_mix_resume_refuses_changed_weights(tmp_path, tok):
     new.load_state_dict(new.state_dict())
     with pytest.raises(ValueError, match="40 examples per epoch.*60 examples.*weights"):
         new.load_state_dict(old.state_dict())
+    # weights swapped between two sources of the same size: same totals, another mixture
+    b = write_jsonl(tmp_path / "b.jsonl", tagged_rows("b", 40))
+    ab = build_loader(mixed_cfg(tmp_path, [{"path": a, "weight": 2.0}, {"path": b}]), tok, "train")
+    ba = build_loader(mixed_cfg(tmp_path, [{"path": a}, {"path": b, "weight": 2.0}]), tok, "train")
+    assert len(ab.data) == len(ba.data) == 120
+    with pytest.raises(ValueError, match=r"mixture .*\['a', 2.0, 80\].* is not this run's .*\['b', 2.0, 80\]"):
+        ba.load_state_dict(ab.state_dict())
 
 
 def test_mix_per_source_fields(tmp_path, tok):

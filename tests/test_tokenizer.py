@@ -531,6 +531,8 @@ def test_tool_bad_input(llama, qwen):
         calling = weather + [{"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "a"})]}]
         nulled = [dict(m, content=None) if "tool_calls" in m else m for m in calling]
         assert tok.render_chat(nulled, tools=[WEATHER]) == tok.render_chat(calling, tools=[WEATHER])
+        absent = [{k: v for k, v in m.items() if k != "content"} if "tool_calls" in m else m for m in calling]
+        assert tok.render_chat(absent, tools=[WEATHER]) == tok.render_chat(calling, tools=[WEATHER])
         with pytest.raises(ValueError, match=r"messages\[1\]\['content'\] must be a str, got NoneType"):
             tok.render_chat(weather + [{"role": "assistant", "content": None}])
 

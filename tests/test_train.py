@@ -179,6 +179,12 @@ def test_num_data_epochs_limits_the_run_and_the_schedule(tiny_data, tmp_path, ca
     cfg = tiny_cfg(tiny_data, tmp_path / "b", regime={"num_steps": 2, "num_data_epochs": 2}, dataset={"valid_split": ""})
     assert train_in_process(cfg, tmp_path, "b.yaml")["step"] == 2
     assert "set by regime.num_steps (raise it for all 2 epochs)" in capsys.readouterr().out
+    # stopped at step 3, resumed with twice the batches per step (as at twice the world size): what is left of the
+    # 2 epochs is counted from the loader's position, so the run still ends after 2 epochs of data
+    cfg["regime"]["num_steps"] = 3
+    train_in_process(cfg, tmp_path, "b.yaml")
+    cfg["regime"]["num_steps"], cfg["trainer"] = 1000, {**cfg["trainer"], "grad_accum": 2}
+    assert train_in_process(cfg, tmp_path, "b2.yaml")["step"] == 3 + -(-(2 * per_epoch - 3) // 2)
 
 
 def test_profile_steps_write_a_trace_and_a_table(tiny_data, tmp_path, capsys):
