@@ -67,7 +67,7 @@ import torch
 
 from tokenizer import TRAIN_ON
 
-CACHE_VERSION = 3  # 3: chat records with tools render them (2 ignored them)
+CACHE_VERSION = 4  # 3: chat records with tools render them (2 ignored them); 4: meta counts no_stop_token
 ENCODE_MODES = ("prompt", "prompt_response", "as_is")
 ROLES = ("system", "user", "assistant", "tool", "ipython")  # all formats' roles; render_chat checks its own
 POOL_MIN_BYTES = 1 << 20  # below ~1 MB of data, forking tokenizer workers costs more than it saves
@@ -275,7 +275,8 @@ def truncate_example(ids, mask, max_ids):
 def _encode_chunk(chunk):
     """Worker: [(where, raw)] -> flat ids, mask, lengths, drop counters, first skip messages."""
     cfg, tokenizer = _WORKER
-    ids_out, mask_out, lengths, drops, messages, label_tokens = [], [], [], Counter(), [], 0
+    ids_out, mask_out, lengths, drops, messages, label_tokens, no_stop = [], [], [], Counter(), [], 0, 0
+    stops = set(tokenizer.stop_ids)  # eos and the chat end-of-turn tokens
     for where, raw in chunk:
         try:
             ids, mask = encode_example(parse_record(where, raw), cfg, tokenizer, where)
@@ -299,12 +300,16 @@ def _encode_chunk(chunk):
         if not any(mask[1:]):
             drops["no_supervised"] += 1
             continue
+        # PITFALLS 1: a supervised span that does not end on a stop token teaches the model never to stop
+        # (a cut response is expected to, and is not counted)
+        last = len(mask) - 1 - mask[::-1].index(1)  # the last supervised id
+        no_stop += ids[last] not in stops and n <= cfg.max_seq_len
         ids_out.extend(ids)
         mask_out.extend(mask)
         lengths.append(len(ids))
         label_tokens += sum(mask[1:])
     return (np.asarray(ids_out, np.uint32), np.asarray(mask_out, np.uint8), lengths, drops, messages[:5],
-            label_tokens, len(chunk))
+            label_tokens, len(chunk), no_stop)
 
 
 _WORKER = None  # (cfg, tokenizer), inherited by forked workers so the tokenizer is never pickled
@@ -374,7 +379,7 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
     tmp = f"{out_dir}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
     os.makedirs(tmp)
     workers = cfg.num_workers or min(os.cpu_count() or 1, 8)
-    drops, messages, lengths, num_read, label_tokens, max_id = Counter(), [], [0], 0, 0, 0
+    drops, messages, lengths, num_read, label_tokens, max_id, no_stop = Counter(), [], [0], 0, 0, 0, 0
     _WORKER = (cfg, tokenizer)
     pool = None
     try:
@@ -383,7 +388,7 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
         chunks = _chunks(files, cfg, drops)
         results = pool.imap(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
         with open(f"{tmp}/tokens.bin", "wb") as ft, open(f"{tmp}/mask.bin", "wb") as fm:
-            for ids, mask, lens, d, msgs, nl, nr in results:
+            for ids, mask, lens, d, msgs, nl, nr, ns in results:
                 ft.write(ids.tobytes())
                 fm.write(mask.tobytes())
                 max_id = max(max_id, int(ids.max(initial=0)))
@@ -392,6 +397,7 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
                 messages.extend(msgs)
                 label_tokens += nl
                 num_read += nr
+                no_stop += ns
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -409,6 +415,7 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
     offsets.tofile(f"{tmp}/offsets.bin")
     meta = {"files": files, "num_read": num_read, "num_examples": len(lengths) - 1, "num_ids": int(offsets[-1]),
             "num_label_tokens": int(label_tokens), "max_id": max_id, "truncated": drops.pop("truncated", 0),
+            "no_stop_token": no_stop,
             "drops": dict(sorted(drops.items())),
             "build_seconds": round(time.time() - t0, 3), "tokenizer": tokenizer_fingerprint(tokenizer),
             "options": {k: getattr(cfg, k) for k in ENCODE_OPTIONS}}
@@ -596,6 +603,7 @@ class MixedData:
                      "max_id": max(m["max_id"] for m in metas),
                      "num_label_tokens": sum(_label_tokens(d, p) for d, p in zip(parts, picks)),
                      "truncated": sum(m["truncated"] for m in metas),
+                     "no_stop_token": sum(m.get("no_stop_token", 0) for m in metas),
                      "drops": dict(sorted(sum((Counter(m["drops"]) for m in metas), Counter()).items())),
                      "build_seconds": round(sum(m["build_seconds"] for m in metas), 3),
                      "sources": [{"name": s.name, "path": s.cfg.path, "weight": s.weight, "kept": len(d),
@@ -927,6 +935,12 @@ def build_loader(cfg: DatasetConfig, tokenizer, split: str, rank=0, world_size=1
         for src in m.get("sources", []):
             print(f"  source {src['name']}: {src['kept']} examples kept x weight {src['weight']:g} = {src['count']} "
                   f"per epoch; dropped {src['drops'] or 'none'}; {src['path']}; cache {src['cache']}", flush=True)
+        if m.get("no_stop_token"):  # counted per example by the cache build (PITFALLS 1)
+            stops = ", ".join(tokenizer.decode([i]) for i in tokenizer.stop_ids)
+            print(f"data[{split}]: WARNING: {m['no_stop_token']} of {m.get('num_kept', len(data))} examples end their "
+                  f"supervised tokens on something else than a stop token ({stops}): a model trained on them does "
+                  "not learn to stop; check dataset.target_encode_mode (prompt_response appends eos) or the chat "
+                  "template", flush=True)
     return loader
 
 

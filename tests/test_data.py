@@ -564,6 +564,18 @@ def test_mix_validation_batches_hold_one_source_each(tmp_path, tok):
     assert seen == Counter({f"{t}{i}": 2 for t, n in (("a", 13), ("b", 9)) for i in range(n)})
 
 
+def test_examples_not_ending_on_a_stop_token_are_counted_and_warned(tmp_path, tok, capsys):
+    """PITFALLS 1: targets without eos (target_encode_mode=as_is) teach a model never to stop: the cache counts the
+    examples whose last supervised token is not a stop token, and the loader says so; the default (eos) is silent."""
+    path = write_jsonl(tmp_path / "d" / "train.jsonl", qa_rows(12))
+    ok = build_loader(cfg_for(tmp_path, os.path.dirname(path)), tok, "train")
+    assert ok.data.meta["no_stop_token"] == 0 and "WARNING" not in capsys.readouterr().out
+    bad = build_loader(cfg_for(tmp_path, os.path.dirname(path), target_encode_mode="as_is"), tok, "train")
+    assert bad.data.meta["no_stop_token"] == 12
+    assert "WARNING: 12 of 12 examples end their supervised tokens on something else than a stop token" in \
+        capsys.readouterr().out
+
+
 def test_mix_trains_end_to_end(tmp_path):
     """train.py with two sources (GSM8K-style question/answer and src/tgt): trains, validates, writes metrics."""
     from test_train import tiny_cfg, train_in_process
