@@ -529,9 +529,12 @@ def finish_profiler(prof, out_dir: Path, rank: int, steps: list[int], device: to
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"steps_{steps[0]}-{steps[1]}_rank{rank}.json"
     prof.export_chrome_trace(str(path))
+    print0(f"profile of steps {steps[0]}-{steps[1]} (trace: {path}), " + profile_table(prof, device))
+
+
+def profile_table(prof, device: torch.device, rows: int = 15) -> str:
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print0(f"profile of steps {steps[0]}-{steps[1]} (trace: {path}), ops by {key}:\n"
-           + prof.key_averages().table(sort_by=key, row_limit=15))
+    return f"ops by {key}:\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def train(cfg: Config) -> dict:

@@ -51,6 +51,7 @@ import torch
 
 from bench import common
 
+import train  # noqa: E402
 from train import PEAK_BF16_FLOPS  # noqa: E402
 
 PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # H100 / H200 SXM, dense bf16 (the same 989e12 for both)
@@ -340,15 +341,13 @@ def run_ours(args, device, margs, sd, batches, state, mode=None, profile=False):
 
 
 def profile_steps(step, batches, device):
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=acts) as prof:
-        for b in batches:
-            step(b)
-        sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    log(f"   ours: profile of {len(batches)} steps, ops by {key}:")
-    for line in prof.key_averages().table(sort_by=key, row_limit=15).splitlines():
-        log(f"   {line}")
+    """`batches` more steps under torch.profiler, as train.py's trainer.profile_steps; the costliest ops logged."""
+    prof = train.start_profiler(device)
+    for b in batches:
+        step(b)
+    sync(device)
+    prof.stop()
+    log(f"   ours: profile of {len(batches)} steps, " + train.profile_table(prof, device).replace("\n", "\n   "))
 
 
 def run_hf(args, device, margs, sd, batches, check):
