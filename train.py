@@ -517,7 +517,9 @@ def memory_gb(device: torch.device) -> float:
 
 
 def start_profiler(device: torch.device) -> torch.profiler.profile:
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
     prof = torch.profiler.profile(activities=acts)
     prof.start()
     return prof
