@@ -780,7 +780,8 @@ def train(cfg: Config) -> dict:
         t0 = time.perf_counter()
         batches = [next(train_iter) for _ in range(grad_accum)]
         counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
-                               sum(b.tokens.numel() for b in batches), signalled[0]], device=device, dtype=torch.float64)
+                               sum(b.tokens.numel() for b in batches), signalled[0]],
+                              device=device, dtype=torch.float64)  # + the stop flag: the ranks agree in one all-reduce
         all_reduce_sum(counts)
         counts, stop_flag = counts[:3], counts[3]
         n_labels = counts[0].clamp(min=1).float()  # guard: a step with no supervised token has loss 0
