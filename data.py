@@ -67,7 +67,7 @@ import torch
 
 from tokenizer import TRAIN_ON
 
-CACHE_VERSION = 4  # 3: chat records with tools render them (2 ignored them); 4: meta counts no_stop_token
+CACHE_VERSION = 5  # 3: chat records with tools render them (2 ignored them); 4: meta counts no_stop_token
 ENCODE_MODES = ("prompt", "prompt_response", "as_is")
 ROLES = ("system", "user", "assistant", "tool", "ipython")  # all formats' roles; render_chat checks its own
 POOL_MIN_BYTES = 1 << 20  # below ~1 MB of data, forking tokenizer workers costs more than it saves
@@ -135,15 +135,22 @@ class BadExample(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Sources
 
-def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok: bool = False) -> list[str]:
+def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok: bool = False,
+                  train_split: str = "train") -> list[str]:
     """The data files of one split, sorted (their order is part of the data order). missing_ok: [] when a
-    directory has no such split. `what` names the config key in errors."""
+    directory has no such split. `what` names the config key in errors. A single file (local or hg://) is the
+    train split only: validating or evaluating on it would measure the training data."""
     if not path:
         raise ValueError(f"{what} is empty: set it to a .jsonl file, a directory or hg://org/name")
     if path.startswith("hg://"):
         path = hub_snapshot(path, what)
     if os.path.isfile(path):
-        return [os.path.abspath(path)]
+        if split == train_split:
+            return [os.path.abspath(path)]
+        if missing_ok:
+            return []
+        raise ValueError(f"{what} {path} is one file, the '{train_split}' split; a '{split}' split needs a "
+                         "directory with both (or set valid_split: '', or evaluation.split to a .jsonl file)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
     exts = ("jsonl", "parquet")
@@ -253,7 +260,10 @@ def encode_example(obj: dict, cfg: DatasetConfig, tokenizer, where: str) -> tupl
     if cfg.chat_mode:
         return _render(tokenizer, [{"role": "user", "content": src}, {"role": "assistant", "content": tgt}],
                        train_on, where)
-    s, t = encode_text(tokenizer, src, cfg.source_encode_mode), encode_text(tokenizer, tgt, cfg.target_encode_mode)
+    try:
+        s, t = encode_text(tokenizer, src, cfg.source_encode_mode), encode_text(tokenizer, tgt, cfg.target_encode_mode)
+    except ValueError as e:  # e.g. a lone surrogate ("\ud800" in the JSON) that UTF-8 cannot encode
+        raise BadExample("bad_field", f"{where}: {e}") from None
     return s + t, [int(cfg.train_on_prompt)] * len(s) + [1] * len(t)
 
 
@@ -263,10 +273,18 @@ def encode_text(tokenizer, text: str, mode: str) -> list[int]:
     return tokenizer.encode(text, bos=mode == "prompt", eos=mode == "prompt_response")
 
 
-def truncate_example(ids, mask, max_ids):
-    """Cut to max_ids ids, prompt first (after its first token), then the response's end; None if nothing
-    supervised would remain."""
-    first = mask.index(1) if 1 in mask else len(mask)
+def response_start(obj: dict, cfg: DatasetConfig, tokenizer, where: str, mask: list[int]) -> int:
+    """Index of the response's first id (truncation cuts the prompt before it). Where the prompt is trained too
+    (train_on_prompt, train_on=all) the mask does not say it: the example is rendered again with the prompt masked."""
+    if cfg.train_on_prompt or cfg.train_on == "all":
+        prompt_masked = dataclasses.replace(cfg, train_on_prompt=False, train_on="assistant")
+        mask = encode_example(obj, prompt_masked, tokenizer, where)[1]
+    return mask.index(1) if 1 in mask else len(mask)
+
+
+def truncate_example(ids, mask, max_ids, first):
+    """Cut to max_ids ids, the prompt first (after its first token; the response starts at `first`), then the
+    response's end; None if nothing supervised would remain."""
     cut = min(len(ids) - max_ids, max(first - 1, 0))
     ids, mask = (ids[:1] + ids[1 + cut:])[:max_ids], (mask[:1] + mask[1 + cut:])[:max_ids]
     return (ids, mask) if any(mask[1:]) else None
@@ -279,7 +297,8 @@ def _encode_chunk(chunk):
     stops = set(tokenizer.stop_ids)  # eos and the chat end-of-turn tokens
     for where, raw in chunk:
         try:
-            ids, mask = encode_example(parse_record(where, raw), cfg, tokenizer, where)
+            obj = parse_record(where, raw)
+            ids, mask = encode_example(obj, cfg, tokenizer, where)
         except BadExample as e:
             if not cfg.skip_bad_examples:
                 raise ValueError(str(e)) from None  # plain ValueError: pickles back from a worker unchanged
@@ -291,7 +310,8 @@ def _encode_chunk(chunk):
             drops["too_short"] += 1
             continue
         if n > cfg.max_seq_len:
-            kept = truncate_example(list(ids), list(mask), cfg.max_seq_len + 1) if cfg.truncate else None
+            kept = truncate_example(list(ids), list(mask), cfg.max_seq_len + 1,
+                                    response_start(obj, cfg, tokenizer, where, mask)) if cfg.truncate else None
             if kept is None:
                 drops["too_long"] += 1
                 continue
@@ -471,29 +491,19 @@ def _is_builder(rank):
     return True
 
 
-def split_files(cfg: DatasetConfig, split: str, what: str = "dataset.path", missing_ok: bool = False) -> list[str]:
-    """resolve_files for cfg.path, where one file is the train split only (never validate on it by accident)."""
-    if os.path.isfile(cfg.path) and split != cfg.train_split:
-        if missing_ok:
-            return []
-        raise ValueError(f"{what} {cfg.path} is one file, the '{cfg.train_split}' split; a '{split}' split "
-                         "needs a directory with both (or set valid_split: '')")
-    return resolve_files(cfg.path, split, what, missing_ok)
-
-
 def load_data(cfg: DatasetConfig, tokenizer, split: str, rank: int = 0, what: str = "dataset.path",
               missing_ok: bool = False) -> TokenizedData | None:
     """The split's tokenized cache: built (or downloaded, for hg://) by the builder first, opened by all.
     missing_ok: None when cfg.path has no such split (a source of dataset.sources without a validation split)."""
     builder = _is_builder(rank)
     if builder:
-        files = split_files(cfg, split, what, missing_ok)
+        files = resolve_files(cfg.path, split, what, missing_ok, cfg.train_split)
         out_dir = cache_path(files, cfg, tokenizer, split) if files else None
         if out_dir and not os.path.isdir(out_dir):
             build_cache(files, cfg, tokenizer, out_dir)
     _dist_barrier()
     if not builder:
-        files = split_files(cfg, split, what, missing_ok)
+        files = resolve_files(cfg.path, split, what, missing_ok, cfg.train_split)
         out_dir = cache_path(files, cfg, tokenizer, split) if files else None
     return TokenizedData(out_dir) if out_dir else None
 

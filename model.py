@@ -477,14 +477,17 @@ def num_params(args: ModelArgs, exclude_embeddings: bool = False) -> int:
     return n - model.tok_embeddings.weight.numel() if exclude_embeddings else n
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+def flops_per_token(args: ModelArgs, seq_len: float, head_share: float = 1.0) -> float:
     """Training FLOPs per token, THE MFU formula of this repo. 6 * (matmul weights: attention + MLP + output head,
     not the embedding gather; a tied head counts as a matmul) for forward+backward, plus attention scores and
     values: 12 * n_layers * n_heads * head_dim * seq_len in the PaLM convention, halved to 6 because causal
-    attention computes only half the score matrix (what flash/flex kernels actually do)."""
+    attention computes only half the score matrix (what flash/flex kernels actually do).
+    head_share: the fraction of tokens that go through the head. MFU counts every token (1.0); the fused loss runs
+    the head only on supervised ones, so the FLOPs a GPU executes are those at head_share = supervised / tokens and
+    seq_len = sum(doc_len^2) / sum(doc_len) for packed documents (bench/gpu.py reports both)."""
     a = args
     per_layer = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim
-    matmul = a.n_layers * per_layer + a.dim * a.vocab_size
+    matmul = a.n_layers * per_layer + head_share * a.dim * a.vocab_size
     return 6.0 * matmul + 6.0 * a.n_layers * a.n_heads * a.head_dim * seq_len
 
 

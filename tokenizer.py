@@ -385,8 +385,12 @@ class Tokenizer:
             self._jinja = env.from_string(self.chat_template)
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         tokens = {k: self.id_to_special[v] for k, v in names.items() if v in self.id_to_special}
-        return self._jinja.render(messages=messages, tools=tools, documents=None,
-                                  add_generation_prompt=add_generation_prompt, **{**tokens, **kwargs})
+        import jinja2
+        try:
+            return self._jinja.render(messages=messages, tools=tools, documents=None,
+                                      add_generation_prompt=add_generation_prompt, **{**tokens, **kwargs})
+        except jinja2.TemplateError as e:  # the template's raise_exception, or an undefined name: bad input data
+            raise ValueError(f"the chat template refused this conversation: {e}") from None
 
     def _jinja_segments(self, messages, add_generation_prompt, **kwargs):
         """Render the template; assistant turn i spans render(messages[:i], gen prompt) .. render(messages[:i+1]),

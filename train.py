@@ -28,6 +28,7 @@ import time
 import typing
 import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class TrainerConfig:
     num_threads: int = 0                    # CPU intra-op threads (0 = torch's default)
     tensorboard: bool = False               # also log to <checkpoint.dir>/tb (needs the tensorboard package)
     profile_steps: list[int] = field(default_factory=list)  # [first, last]: torch.profiler trace of these steps
+    dist_timeout_minutes: float = 60.0      # how long a rank waits in a collective (rank 0 downloading, exporting)
 
 
 @dataclass
@@ -258,6 +260,12 @@ def validate(cfg: Config):
           f"lr_scheduler.name must be cosine|linear|wsd|constant, got {s.name!r}")
     check(0 <= s.decay_fraction <= 1, f"lr_scheduler.decay_fraction must be in [0, 1], got {s.decay_fraction}")
     check(s.warmup_steps >= 0 and 0 <= s.final_lr_scale <= 1, "lr_scheduler: need warmup_steps >= 0, 0 <= final_lr_scale <= 1")
+    check(t.dist_timeout_minutes > 0, f"trainer.dist_timeout_minutes must be > 0, got {t.dist_timeout_minutes}")
+    old = complete_checkpoints(Path(cfg.checkpoint.dir) / "checkpoints")
+    check(cfg.checkpoint.resume or not old,
+          f"checkpoint.dir {cfg.checkpoint.dir} holds checkpoints of an earlier run (newest {old[-1].name if old else ''})"
+          " and checkpoint.resume=false: a fresh run there would mix with them (and the next resume could pick theirs)."
+          " Set another checkpoint.dir, delete its checkpoints/, or resume (checkpoint.resume=true)")
     e = cfg.evaluation
     check(e.limit >= 0 and e.batch_size >= 1 and e.max_new_tokens >= 1 and e.every_n_steps >= 0,
           "evaluation: need limit >= 0, batch_size >= 1, max_new_tokens >= 1, every_n_steps >= 0")
@@ -394,7 +402,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_loader, 
         torch.save({"step": step, "loader": train_loader.state_dict(), **extra}, tmp / "trainer_state.pt")
     barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)  # a stale one of an earlier run (checkpoint.resume=false)
+        shutil.rmtree(final, ignore_errors=True)  # none expected: a run resumes from the newest, or refuses to start
         os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
         old = complete_checkpoints(ckpt_root)
         for p in old[:-keep_last] if keep_last > 0 else []:
@@ -482,12 +490,12 @@ def load_eval_examples(cfg: Config) -> list[dict]:
         groups = [(ds, [e.split])]
     elif ds.sources:
         groups = [(s.cfg, files) for s in data.source_configs(ds)
-                  if (files := data.split_files(s.cfg, e.split, f"{s.where}.path", missing_ok=True))]
+                  if (files := data.resolve_files(s.cfg.path, e.split, f"{s.where}.path", True, s.cfg.train_split))]
         if not groups:
             raise FileNotFoundError(f"evaluation.split={e.split}: no entry of dataset.sources has a '{e.split}' split; "
                                     "set evaluation.split to a split one has, or to a .jsonl path")
     else:
-        groups = [(ds, data.resolve_files(ds.path, e.split))]
+        groups = [(ds, data.resolve_files(ds.path, e.split, "dataset.path", train_split=ds.train_split))]
     rows = [(c, data.parse_record(where, raw))
             for c, files in groups for f in files for where, raw in data.read_records(f)]
     rows = rows[:e.limit] if e.limit else rows
@@ -497,17 +505,29 @@ def load_eval_examples(cfg: Config) -> list[dict]:
     return [{"question": row[c.src_field], "answer": row[c.tgt_field]} for c, row in rows]
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}  # dense, per GPU
+# Dense bf16 peak per GPU (NVIDIA spec sheets), looked up by the first key the device name contains: the PCIe and
+# NVL cards, with lower clocks and power, come before their SXM names.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "A100": 312e12, "B200": 2250e12}
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+def peak_flops(device: torch.device | str) -> float | None:
+    """The peak for a CUDA device (or a device name, e.g. "NVIDIA H100 PCIe"); None when unknown or not a GPU."""
+    if isinstance(device, torch.device):
+        if device.type != "cuda":
+            return None
+        device = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+
+
+def reset_peak_memory(device: torch.device):
+    if device.type == "cuda":  # the CPU figure, the process's peak RSS, cannot be reset
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def memory_gb(device: torch.device) -> float:
+    """Peak memory: on CUDA since the last reset_peak_memory (the loop resets it before each step); on CPU the
+    process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux reports KiB)
@@ -553,8 +573,11 @@ def train(cfg: Config) -> dict:
     # H200, Llama 3.2 1B shape: 46.7% MFU with autocast vs 42.9% with 1-rank FSDP2; on CPU FSDP's hooks cost 3x).
     use_fsdp = world > 1
     if "RANK" in os.environ and not dist.is_initialized():
+        # NCCL's default 10 minutes is shorter than what rank 0 may do alone while the others wait in a collective
+        # (download a model, build the token cache, export 70B to safetensors); past the timeout NCCL kills the job.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(minutes=cfg.trainer.dist_timeout_minutes))
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -617,6 +640,10 @@ def train(cfg: Config) -> dict:
                          f"the tokenizer ({tok.vocab_size} ids) does not belong to this model")
     with torch.device("meta"):
         model = model_lib.Transformer(args)
+    if cfg.trainer.activation_checkpointing == "selective" and not cfg.trainer.compile and device.type == "cuda":
+        # eager blocks call flex_attention as a compiled function, whose ops the policy never sees
+        print0("note: selective activation checkpointing keeps flex_attention's output (packed rows) only with "
+               "trainer.compile=true; without it attention is recomputed in the backward")
     for block in model.layers:
         if cfg.trainer.activation_checkpointing != "off":
             apply_activation_checkpointing(block, cfg.trainer.activation_checkpointing)
@@ -728,7 +755,7 @@ def train(cfg: Config) -> dict:
     result = {"step": step, "val_loss": None, "eval": None}
     model.train()
     train_iter = iter(train_loader)
-    window = dict.fromkeys(("tokens", "labels", "padded", "steps", "loss", "seq_len", "time"), 0)  # since the last log
+    window = dict.fromkeys(("tokens", "labels", "padded", "flops", "steps", "loss", "time"), 0)  # since the last log
     start_step, train_time = step, 0.0  # train_time: seconds in training steps (no eval / checkpoint), for the ETA
     prof = None  # a torch.profiler run over trainer.profile_steps
     # SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before preemption) ask for a checkpoint at the end of the step.
@@ -772,6 +799,7 @@ def train(cfg: Config) -> dict:
             print0(f"step {step}: saved checkpoint {path}")
         if last:
             break
+        reset_peak_memory(device)  # the logged memory is the training step's, not a validation's or evaluation's
 
         # The step's micro-batches are fetched up front: the global count of supervised tokens must be known before
         # the first backward. data.py's loader prefetches the next ones in a background thread meanwhile.
@@ -779,11 +807,13 @@ def train(cfg: Config) -> dict:
             prof = start_profiler(device)
         t0 = time.perf_counter()
         batches = [next(train_iter) for _ in range(grad_accum)]
+        # model FLOPs (for the MFU): real tokens x flops_per_token at each micro-batch's row length
+        flops = sum(b.num_tokens * model_lib.flops_per_token(args, b.tokens.shape[1]) for b in batches)
         counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
-                               sum(b.tokens.numel() for b in batches), signalled[0]],
+                               sum(b.tokens.numel() for b in batches), flops, signalled[0]],
                               device=device, dtype=torch.float64)  # + the stop flag: the ranks agree in one all-reduce
         all_reduce_sum(counts)
-        counts, stop_flag = counts[:3], counts[3]
+        counts, stop_flag = counts[:4], counts[4]
         n_labels = counts[0].clamp(min=1).float()  # guard: a step with no supervised token has loss 0
         loss_sum = torch.zeros((), device=device)
         for i, b in enumerate(batches):
@@ -797,8 +827,9 @@ def train(cfg: Config) -> dict:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         # The step's one host sync: the non-finite check needs loss and grad norm, the log needs the token counts.
+        # n: supervised tokens, real tokens, token slots, model FLOPs
         loss_val, grad_norm, *n, stop = torch.cat([all_reduce_sum(loss_sum).double()[None], grad_norm.double()[None],
-                                                   counts, stop_flag[None]]).tolist()  # n: supervised, real, padded
+                                                   counts, stop_flag[None]]).tolist()
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
             if not cfg.trainer.skip_nonfinite:
                 raise RuntimeError(f"non-finite loss {loss_val} / grad norm {grad_norm} at step {step + 1}: stopping "
@@ -816,12 +847,11 @@ def train(cfg: Config) -> dict:
             finish_profiler(prof, out_dir / "profile", rank, [cfg.trainer.profile_steps[0], step], device)
             prof = None
 
-        for k, v in zip(("labels", "tokens", "padded"), n):
+        for k, v in zip(("labels", "tokens", "padded", "flops"), n):
             window[k] += v
         window["steps"] += 1
         window["time"] += dt
         window["loss"] += loss_val if math.isfinite(loss_val) else 0.0
-        window["seq_len"] = batches[0].tokens.shape[1]
         if step % cfg.regime.publish_metrics_every_n_steps == 0 or step == num_steps:
             dt = window["time"]
             rec = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
@@ -829,8 +859,7 @@ def train(cfg: Config) -> dict:
                    "padding": 1 - window["tokens"] / max(1, window["padded"]), "memory_gb": memory_gb(device)}
             peak = peak_flops(device)
             if peak:
-                # the compute done: every token slot of the batch, padding included
-                rec["mfu"] = window["padded"] / dt * model_lib.flops_per_token(args, window["seq_len"]) / (peak * world)
+                rec["mfu"] = window["flops"] / dt / (peak * world)
             eta = train_time / (step - start_step) * (num_steps - step)
             print0(f"step {step}/{num_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
                    f"tok/s {rec['tokens_per_s']:,.0f} (sup {rec['label_tokens_per_s']:,.0f})"

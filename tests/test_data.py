@@ -215,6 +215,10 @@ def test_hub_dataset_from_offline_cache(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert len(build_loader(cfg_for(tmp_path, "hg://org/name"), tok, "train").data) == 7
     assert len(build_loader(cfg_for(tmp_path, "hg://org/name/main"), tok, "test").data) == 2
+    one_file = "hg://org/name/main/train-00000-of-00001.jsonl"  # a Hub file is the train split only, as a local one
+    assert len(build_loader(cfg_for(tmp_path, one_file), tok, "train").data) == 7
+    with pytest.raises(ValueError, match="is one file"):
+        build_loader(cfg_for(tmp_path, one_file, valid_split="valid"), tok, "valid")
     with pytest.raises(FileNotFoundError, match="hg://org/missing"):
         build_loader(cfg_for(tmp_path, "hg://org/missing"), tok, "train")
     with pytest.raises(ValueError, match="hg://org"):
@@ -256,7 +260,18 @@ def test_length_rules_counted_by_reason(tmp_path, tok, capsys):
     assert long_prompt in by_len
     long_target = "<|bos|>" + "y" * 40  # the prompt gives all it has ("q"), then the response is cut (eos lost)
     assert long_target in by_len
-    assert data.truncate_example([1, 2, 3, 4], [0, 0, 0, 0], 3) is None  # never 0 supervised tokens
+    assert data.truncate_example([1, 2, 3, 4], [0, 0, 0, 0], 3, 4) is None  # never 0 supervised tokens
+
+    # the prompt is cut first also when it is trained (train_on_prompt): the response and its eos stay
+    for row in ({"src": "p" * 50, "tgt": "ANSWER"},
+                {"messages": [{"role": "user", "content": "p" * 50}, {"role": "assistant", "content": "ANSWER"}]}):
+        f = write_jsonl(tmp_path / "p.jsonl", [row])
+        for c in (cfg_for(tmp_path, f, max_seq_len=32, truncate=True, train_on_prompt=True),
+                  cfg_for(tmp_path, f, max_seq_len=32, truncate=True, train_on="all")):
+            ids, mask = example_of(build_loader(c, tok, "train"), 0)
+            assert len(ids) == 33 and tok.decode(ids).endswith("ANSWER" + ("<|eos|>" if "src" in row else
+                                                                              "<|im_end|>\n")), tok.decode(ids)
+            assert all(mask[1:]) == (c.train_on_prompt or "messages" in row)  # train_on is a chat option
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -614,6 +629,8 @@ BAD = {  # name: (file content bytes, message, reason counted with skip_bad_exam
     "invalid_utf8": (GOOD.encode() + b"\n{\"src\": \"\xff\xfe\", \"tgt\": \"b\"}\n", r"d\.jsonl:2: invalid UTF-8",
                      "invalid_utf8"),
     "not_object": (GOOD + "\n[1, 2]", r"d\.jsonl:2: expected a JSON object", "invalid_json"),
+    "lone_surrogate": (GOOD + "\n" + json.dumps({"src": "bad \ud800", "tgt": "b"}), r"d\.jsonl:2: .*surrogate",
+                       "bad_field"),  # valid JSON, not encodable as UTF-8
     "bad_messages": (GOOD + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
                      r"d\.jsonl:2: messages\[0\]", "bad_field"),
     # tool calling: the byte tokenizer's chatml has no tool format; malformed tools / tool_calls

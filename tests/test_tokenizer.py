@@ -356,6 +356,11 @@ def test_jinja_format(llama_jinja_dir, qwen3_tokenizer_dir, llama, qwen):
     assert tok.render_chat(CONVS[1]) == qwen["json"].render_chat(CONVS[1])  # single turn is fine
     with pytest.raises(ValueError, match=r"not prefix-stable at messages\[2\]"):
         tok.render_chat(CONVS[2])
+    # the template's own raise_exception is a ValueError (data.py then names the line, or counts the skip)
+    two_calls = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]}]
+    with pytest.raises(ValueError, match="chat template refused this conversation: .*single tool-calls"):
+        load_tokenizer(llama_jinja_dir, chat_format="jinja").render_chat(two_calls, tools=[{"name": "f"}])
 
 
 def test_jinja_missing(llama_jinja_dir, monkeypatch):

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import data
+import model as M
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,6 +145,46 @@ def test_config_missing_files(tiny_data, tmp_path):
         train.main([path, "bogus.key=1"])
 
 
+def test_fresh_run_into_a_directory_with_checkpoints_is_refused(tiny_data, tmp_path):
+    """checkpoint.resume=false where an earlier run left checkpoints: its pruning would delete the new run's own
+    checkpoint (the old one has the higher step) and the next resume would pick the old run."""
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000004" / "trainer_state.pt").write_bytes(b"")
+    path = write_cfg(tiny_cfg(tiny_data, out), tmp_path / "c.yaml")
+    assert train.load_config([path]).checkpoint.resume  # resuming it is fine (the default)
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .newest step_00000004"):
+        train.load_config([path, "checkpoint.resume=false"])
+
+
+def test_process_group_timeout_is_the_configured_one(tiny_data, tmp_path, monkeypatch):
+    """NCCL's default 10 min would kill ranks waiting while rank 0 downloads / exports a large model."""
+    seen = {}
+
+    def fake_init(backend, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(train.dist, "init_process_group", fake_init)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", trainer={"device": "cpu", "dist_timeout_minutes": 90}),
+                     tmp_path / "c.yaml")
+    with pytest.raises(RuntimeError, match="stop here"):
+        train.train(train.load_config([path]))
+    assert seen["timeout"].total_seconds() == 90 * 60
+
+
+def test_evaluation_never_reads_a_single_train_file(tiny_data, tmp_path):
+    """One data file is the train split: evaluation.split=valid on it must not score the training questions."""
+    train_file = str(Path(tiny_data["path"]) / "train.jsonl")
+    path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", dataset={"path": train_file, "valid_split": ""},
+                              evaluation={"split": "valid"}), tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match="is one file"):
+        train.load_eval_examples(train.load_config([path]))
+    valid_file = str(Path(tiny_data["path"]) / "valid.jsonl")  # a .jsonl evaluation.split is read as given
+    assert len(train.load_eval_examples(train.load_config([path, f"evaluation.split={valid_file}"]))) == 16
+
+
 def test_lr_schedule():
     cfg = train.Config()
     cfg.regime.num_steps, cfg.optimizer.lr = 110, 1.0
@@ -159,7 +200,23 @@ def test_lr_schedule():
     assert train.get_lr(100, cfg) == 1.0
 
 
+def test_peak_flops_by_device_name():
+    assert train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and train.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert train.peak_flops("NVIDIA H100 NVL") == 835e12 and train.peak_flops("NVIDIA H200") == 989e12
+    assert train.peak_flops("NVIDIA GeForce RTX 4090") is None and train.peak_flops(torch.device("cpu")) is None
+
+
 # -------------------------------------------------------------------------------------------------- training
+
+
+def test_logged_mfu_is_model_flops_of_the_real_tokens(tiny_data, tmp_path, monkeypatch):
+    """mfu = sum over micro-batches of real (non-pad) tokens x model.flops_per_token(row length) / time / peak."""
+    monkeypatch.setattr(train, "peak_flops", lambda device: 1e12)
+    train_in_process(tiny_cfg(tiny_data, tmp_path / "out", trainer={"device": "cpu", "grad_accum": 2}), tmp_path)
+    recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "mfu" in r]
+    per_token = M.flops_per_token(M.get_preset("tiny_llama"), 128)  # packed rows of max_seq_len=128
+    assert len(recs) == 4 and all(r["mfu"] * 1e12 / r["tokens_per_s"] == pytest.approx(per_token) for r in recs)
 
 
 def test_num_data_epochs_limits_the_run_and_the_schedule(tiny_data, tmp_path, capsys):
