@@ -1011,13 +1011,24 @@ def make_demo_data(directory, seed=0, n_train=4000, n_valid=200, max_value=999):
 # Dataset report: python data.py CONFIG [key=value ...]
 
 def main(argv):
-    from tokenizer import load_tokenizer, visualize
-    from train import load_config  # the YAML + dotted-override loader, written once
-    if not argv:
-        sys.exit("usage: python data.py CONFIG.yaml [dataset.key=value ...]")
-    c = load_config(argv)
+    from train import load_config, one_line_errors  # the config loader and the CLI error style, written once
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.exit("usage: python data.py CONFIG.yaml [section.key=value ...]: what the dataset becomes (counts, drops "
+                 "by reason, padding of each batching mode, the first examples with their supervised tokens marked)")
+    with one_line_errors("config error"):
+        c = load_config(argv)
+    with one_line_errors():
+        report(c)
+
+
+def report(c):
+    """c: train.Config. Builds (or opens) the token caches of the train and validation splits and prints them."""
+    from tokenizer import visualize
+    from train import load_tokenizer  # hg:// paths resolved as train.py does
     cfg = c.dataset
-    tokenizer = load_tokenizer(c.tokenizer.path or c.model.path, c.tokenizer.chat_format or None)
+    tokenizer = load_tokenizer(c.tokenizer.path or c.model.path, c.tokenizer.chat_format)
+    color = sys.stdout.isatty()
+    print("supervised tokens are shown " + ("on green" if color else "between \u00ab and \u00bb"))
     for split in [cfg.train_split] + ([cfg.valid_split] if cfg.valid_split else []):
         loader = build_loader(cfg, tokenizer, split, infinite=split == cfg.train_split)
         data, m = loader.data, loader.data.meta
@@ -1040,7 +1051,7 @@ def main(argv):
         for i in range(min(3, len(data))):
             ids, mask = data.example(i)
             print(f"--- example {i} ({len(ids)} ids, {int(mask[1:].sum())} supervised):")
-            print(visualize(ids.tolist(), mask.tolist(), tokenizer))
+            print(visualize(ids.tolist(), mask.tolist(), tokenizer, color))
 
 
 if __name__ == "__main__":

@@ -404,6 +404,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.gsm8k is None):
         parser.error("give exactly one of --prompt TEXT or --gsm8k FILE")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("--batch-size and --max-new-tokens must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     try:
         model, tokenizer = load_model(args.model, args.device, dtype, args.tokenizer)

@@ -477,15 +477,16 @@ def _check_tool_calls(calls, where, role, chat_format):
                              f"JSON string}}}}{optional}, got {call!r:.80}")
 
 
-def visualize(ids, mask, tokenizer) -> str:
-    """The rendered example with supervised tokens on a green background (ANSI); prompt tokens are shown plain."""
+def visualize(ids, mask, tokenizer, color: bool = True) -> str:
+    """The rendered example with supervised tokens on a green background (ANSI; without color between \u00ab and
+    \u00bb); prompt tokens are shown plain."""
     out, i = [], 0
     while i < len(ids):
         j = i
         while j < len(ids) and mask[j] == mask[i]:
             j += 1
         text = tokenizer.decode(ids[i:j])
-        out.append(f"\x1b[30;42m{text}\x1b[0m" if mask[i] else text)
+        out.append((f"\x1b[30;42m{text}\x1b[0m" if color else f"\u00ab{text}\u00bb") if mask[i] else text)
         i = j
     return "".join(out)
 

@@ -3,7 +3,7 @@
     python train.py configs/demo.yaml                                   # CPU demo: byte model learns addition
     python train.py configs/llama3_2_1b_gsm8k.yaml optimizer.lr=1e-5 trainer.grad_accum=4
     torchrun --nproc_per_node=8 train.py configs/qwen3_4b_gsm8k.yaml    # FSDP2 over 8 GPUs
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py configs/qwen3_4b_gsm8k.yaml trainer.dp_replicate=2     # HSDP: replicate across nodes, shard within
     python train.py --export OUT/checkpoints/step_00000100 OUT/hf_step100   # any checkpoint -> HF directory
 
@@ -213,6 +213,12 @@ def load_config(argv: list[str]) -> "Config":
             d = {p: d}
         _merge(cfg, d, f"override {arg!r}")
     validate(cfg)
+    # Local model and tokenizer paths made absolute: the saved config (and generate.py / --export reading it from
+    # another directory) must find them again.
+    for sec, key in (("model", "path"), ("tokenizer", "path")):
+        value = getattr(getattr(cfg, sec), key)
+        if value and value != "byte" and not value.startswith("hg://"):
+            setattr(getattr(cfg, sec), key, str(Path(value).resolve()))
     return cfg
 
 
@@ -222,7 +228,9 @@ def validate(cfg: Config):
         if not ok:
             raise ValueError(msg)
     ds, r, t = cfg.dataset, cfg.regime, cfg.trainer
-    check(bool(cfg.model.name) != bool(cfg.model.path), "set exactly one of model.name (a preset) and model.path")
+    check(bool(cfg.model.name) != bool(cfg.model.path),
+          f"set exactly one of model.name (a preset) and model.path, got name={cfg.model.name!r}, "
+          f"path={cfg.model.path!r} (to replace a config's one on the command line, empty the other: model.path=)")
     if cfg.model.name:
         model_lib.get_preset(cfg.model.name)  # ValueError listing the presets
         check(bool(cfg.tokenizer.path), "tokenizer.path is required with model.name (e.g. tokenizer.path=byte)")
@@ -245,6 +253,8 @@ def validate(cfg: Config):
         check(getattr(r, k) >= 0, f"regime.{k} must be >= 0, got {getattr(r, k)}")
     check(r.publish_metrics_every_n_steps >= 1, "regime.publish_metrics_every_n_steps must be >= 1")
     check(t.device in ("auto", "cpu", "cuda"), f"trainer.device must be auto|cpu|cuda, got {t.device!r}")
+    check(t.device != "cuda" or torch.cuda.is_available(),
+          f"trainer.device=cuda, but this torch ({torch.__version__}) sees no CUDA GPU")
     check(t.dtype in ("auto", "float32", "bfloat16"), f"trainer.dtype must be auto|float32|bfloat16, got {t.dtype!r}")
     check(cfg.checkpoint.export_dtype in ("auto", "float32", "bfloat16"),
           f"checkpoint.export_dtype must be auto|float32|bfloat16, got {cfg.checkpoint.export_dtype!r}")
@@ -411,8 +421,9 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_loader, 
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, train_loader) -> int:
-    """Restore model, optimizer, loader and RNG; DCP reshards, so the world size may differ from the writer's."""
+def load_checkpoint(path: Path, model, optimizer, train_loader) -> dict:
+    """Restore model, optimizer, loader and RNG; DCP reshards, so the world size may differ from the writer's.
+    Returns the trainer state: step, loader, model_args, config (as resolved by the run that wrote it), dtype."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes empty AdamW state so it has a layout
     state = {"model": model_sd, "optim": optim_sd}
@@ -428,7 +439,7 @@ def load_checkpoint(path: Path, model, optimizer, train_loader) -> int:
         random.setstate(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return trainer_state["step"]
+    return trainer_state
 
 
 def generation_config(tok) -> dict:
@@ -473,7 +484,11 @@ def load_checkpoint_model(ckpt_dir) -> tuple[torch.nn.Module, dict]:
 
 
 def export_checkpoint(ckpt_dir: str, out_dir: str):
-    """`python train.py --export CKPT_DIR OUT_DIR`: a saved checkpoint -> an HF directory, in one process."""
+    """`python train.py --export CKPT_DIR OUT_DIR`: a saved checkpoint (or a run directory's newest) -> an HF
+    directory, in one process."""
+    if not (Path(ckpt_dir) / "trainer_state.pt").is_file() and complete_checkpoints(Path(ckpt_dir) / "checkpoints"):
+        ckpt_dir = complete_checkpoints(Path(ckpt_dir) / "checkpoints")[-1]
+        print(f"exporting the newest checkpoint of the run: {ckpt_dir}")
     model, state = load_checkpoint_model(ckpt_dir)
     tok_cfg, model_cfg = state["config"]["tokenizer"], state["config"]["model"]
     tok = load_tokenizer(tok_cfg["path"] or model_cfg["path"], tok_cfg["chat_format"])
@@ -531,6 +546,27 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux reports KiB)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before preemption) and Ctrl-C (SIGINT) ask for a checkpoint
+    at the end of the step: yields [flag, signal number], set by the handler. The ranks agree through the step's count
+    all-reduce, so all of them stop after the same step. A second Ctrl-C quits at once, without the checkpoint. The
+    handler only sets the flag: printing from it could re-enter a stdout write the signal interrupted. The previous
+    handlers come back on exit, also on an error (train() may run inside a notebook)."""
+    signalled = [0.0, None]
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and signalled[1] == signal.SIGINT:
+            raise KeyboardInterrupt
+        signalled[:] = [1.0, signum]
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        yield signalled
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -680,10 +716,11 @@ def train(cfg: Config) -> dict:
 
     # --- optimizer, resume
     optimizer = build_optimizer(model, cfg.optimizer)
-    step = 0
+    step, resumed = 0, None
     ckpts = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
     if ckpts:
-        step = load_checkpoint(ckpts[-1], model, optimizer, train_loader)
+        resumed = load_checkpoint(ckpts[-1], model, optimizer, train_loader)
+        step = resumed["step"]
         print0(f"resumed from {ckpts[-1]} at step {step}")
     if cfg.regime.num_data_epochs:
         # fairseq2's num_data_epochs: num_steps and the epochs are both limits, the earlier one ends the run, and
@@ -695,9 +732,23 @@ def train(cfg: Config) -> dict:
         binding = "the data epochs" if epoch_steps <= cfg.regime.num_steps else \
             f"regime.num_steps (raise it for all {cfg.regime.num_data_epochs} epochs)"
         print0(f"regime: {cfg.regime.num_data_epochs} data epoch(s) = {epoch_steps} steps of {per_step} global "
-               f"batches, num_steps={cfg.regime.num_steps}: stopping after {min(epoch_steps, cfg.regime.num_steps)} "
-               f"steps, set by {binding}")
+               f"batch{'es' if per_step > 1 else ''} each, num_steps={cfg.regime.num_steps}: stopping after "
+               f"{min(epoch_steps, cfg.regime.num_steps)} steps, set by {binding}")
         cfg.regime.num_steps = min(cfg.regime.num_steps, epoch_steps)
+    if resumed is not None:  # a resume that changes the lr schedule, or has nothing left to do, says so
+        before, now = resumed["config"], asdict(cfg)
+        changed = [f"{sec}.{k}: {before[sec][k]} -> {now[sec][k]}" for sec, keys in
+                   (("regime", ["num_steps"]), ("optimizer", ["lr"]), ("lr_scheduler", list(now["lr_scheduler"])))
+                   for k in keys if before[sec].get(k) != now[sec][k]]
+        if changed:
+            print0(f"note: the lr schedule differs from the checkpoint's run ({'; '.join(changed)}): "
+                   f"it continues from step {step} on the new one")
+        if step >= cfg.regime.num_steps:
+            print0(f"note: the checkpoint is at step {step} and regime.num_steps={cfg.regime.num_steps}: nothing left "
+                   "to train (raise regime.num_steps to continue)")
+    if cfg.lr_scheduler.warmup_steps >= cfg.regime.num_steps:
+        print0(f"note: lr_scheduler.warmup_steps={cfg.lr_scheduler.warmup_steps} >= the run's {cfg.regime.num_steps} "
+               f"steps: the lr never reaches optimizer.lr={cfg.optimizer.lr}")
     extra = {"model_args": asdict(args), "config": asdict(cfg), "dtype": str(dtype)}  # for `--export` and for humans
 
     # --- logging
@@ -758,118 +809,111 @@ def train(cfg: Config) -> dict:
     window = dict.fromkeys(("tokens", "labels", "padded", "flops", "steps", "loss", "time"), 0)  # since the last log
     start_step, train_time = step, 0.0  # train_time: seconds in training steps (no eval / checkpoint), for the ETA
     prof = None  # a torch.profiler run over trainer.profile_steps
-    # SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before preemption) ask for a checkpoint at the end of the step.
-    # The ranks agree through the step's count all-reduce, so all of them stop after the same step.
-    # The handler only sets a flag: printing from it could re-enter a stdout write the signal interrupted.
-    signalled, stop = [0.0, None], False  # [flag, signal number]
-
-    def on_signal(signum, frame):
-        signalled[:] = [1.0, signum]
-    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the old ones
-    while True:
-        lr = get_lr(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        if stop:
-            if signalled[1] is not None:
-                print(f"rank {rank}: got {signal.Signals(signalled[1]).name}: checkpoint and stop", flush=True)
-            if prof is not None:  # stopped inside trainer.profile_steps: keep what was traced
-                finish_profiler(prof, out_dir / "profile", rank, [cfg.trainer.profile_steps[0], step], device)
-            if step > start_step:
+    stop = False
+    with stop_signals() as signalled:  # [flag, signal number]: a stop was asked (see stop_signals)
+        while True:
+            lr = get_lr(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            if stop:
+                if signalled[1] is not None:
+                    print(f"rank {rank}: got {signal.Signals(signalled[1]).name}: checkpoint and stop"
+                          + (" (Ctrl-C again quits without it)" if signalled[1] == signal.SIGINT else ""), flush=True)
+                if prof is not None:  # stopped inside trainer.profile_steps: keep what was traced
+                    finish_profiler(prof, out_dir / "profile", rank, [cfg.trainer.profile_steps[0], step], device)
+                if step > start_step:
+                    path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
+                                           cfg.regime.keep_last_n_checkpoints)
+                    print0(f"step {step}: saved checkpoint {path}")
+                print0(f"step {step}: stopped by a signal; launch the same command again to resume")
+                result["stopped"] = True
+                break
+            last = step >= num_steps
+            every = lambda n: n > 0 and step % n == 0  # noqa: E731
+            if val_loader and (last or (every(cfg.regime.validate_every_n_steps) and step > start_step)):
+                val = validate()
+                result["val_loss"] = val.pop("")
+                print0(f"step {step}: validation loss {result['val_loss']:.4f}"
+                       + (f" ({', '.join(f'{name} {v:.4f}' for name, v in val.items())})" if val else ""))
+                publish({"step": step, "val_loss": result["val_loss"], **{f"val_loss/{k}": v for k, v in val.items()}})
+            if eval_examples and (last or (step == start_step == 0 and cfg.evaluation.at_start)
+                                  or (every(cfg.evaluation.every_n_steps) and step > start_step)):
+                result["eval"] = evaluate()
+            if step > start_step and (last or every(cfg.regime.checkpoint_every_n_steps)):
                 path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
                                        cfg.regime.keep_last_n_checkpoints)
                 print0(f"step {step}: saved checkpoint {path}")
-            print0(f"step {step}: stopped by a signal; launch the same command again to resume")
-            result["stopped"] = True
-            break
-        last = step >= num_steps
-        every = lambda n: n > 0 and step % n == 0  # noqa: E731
-        if val_loader and (last or (every(cfg.regime.validate_every_n_steps) and step > start_step)):
-            val = validate()
-            result["val_loss"] = val.pop("")
-            print0(f"step {step}: validation loss {result['val_loss']:.4f}"
-                   + (f" ({', '.join(f'{name} {v:.4f}' for name, v in val.items())})" if val else ""))
-            publish({"step": step, "val_loss": result["val_loss"], **{f"val_loss/{k}": v for k, v in val.items()}})
-        if eval_examples and (last or (step == start_step == 0 and cfg.evaluation.at_start)
-                              or (every(cfg.evaluation.every_n_steps) and step > start_step)):
-            result["eval"] = evaluate()
-        if step > start_step and (last or every(cfg.regime.checkpoint_every_n_steps)):
-            path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
-                                   cfg.regime.keep_last_n_checkpoints)
-            print0(f"step {step}: saved checkpoint {path}")
-        if last:
-            break
-        reset_peak_memory(device)  # the logged memory is the training step's, not a validation's or evaluation's
+            if last:
+                break
+            reset_peak_memory(device)  # the logged memory is the training step's, not a validation's or evaluation's
 
-        # The step's micro-batches are fetched up front: the global count of supervised tokens must be known before
-        # the first backward. data.py's loader prefetches the next ones in a background thread meanwhile.
-        if cfg.trainer.profile_steps and step + 1 == cfg.trainer.profile_steps[0]:
-            prof = start_profiler(device)
-        t0 = time.perf_counter()
-        batches = [next(train_iter) for _ in range(grad_accum)]
-        # model FLOPs (for the MFU): real tokens x flops_per_token at each micro-batch's row length
-        flops = sum(b.num_tokens * model_lib.flops_per_token(args, b.tokens.shape[1]) for b in batches)
-        counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
-                               sum(b.tokens.numel() for b in batches), flops, signalled[0]],
-                              device=device, dtype=torch.float64)  # + the stop flag: the ranks agree in one all-reduce
-        all_reduce_sum(counts)
-        counts, stop_flag = counts[:4], counts[4]
-        n_labels = counts[0].clamp(min=1).float()  # guard: a step with no supervised token has loss 0
-        loss_sum = torch.zeros((), device=device)
-        for i, b in enumerate(batches):
-            if use_fsdp:  # reduce-scatter gradients only after the last micro-batch
-                model.set_requires_gradient_sync(i == grad_accum - 1)
-            with amp():
-                loss = model(b.tokens, b.positions, b.doc_ids, b.labels) / n_labels  # SUM of CE / global count
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
-        # The step's one host sync: the non-finite check needs loss and grad norm, the log needs the token counts.
-        # n: supervised tokens, real tokens, token slots, model FLOPs
-        loss_val, grad_norm, *n, stop = torch.cat([all_reduce_sum(loss_sum).double()[None], grad_norm.double()[None],
-                                                   counts, stop_flag[None]]).tolist()
-        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-            if not cfg.trainer.skip_nonfinite:
-                raise RuntimeError(f"non-finite loss {loss_val} / grad norm {grad_norm} at step {step + 1}: stopping "
-                                   f"(last checkpoint kept; set trainer.skip_nonfinite=true to skip such steps)")
-            print0(f"step {step + 1}: non-finite loss {loss_val} / grad norm {grad_norm}: step skipped")
-        elif n[0] > 0:
-            optimizer.step()
-        else:
-            print0(f"step {step + 1}: no supervised token in the global batch: no update")
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        train_time += dt
-        if prof is not None and step in (cfg.trainer.profile_steps[1], num_steps):
-            finish_profiler(prof, out_dir / "profile", rank, [cfg.trainer.profile_steps[0], step], device)
-            prof = None
+            # The step's micro-batches are fetched up front: the global count of supervised tokens must be known before
+            # the first backward. data.py's loader prefetches the next ones in a background thread meanwhile.
+            if cfg.trainer.profile_steps and step + 1 == cfg.trainer.profile_steps[0]:
+                prof = start_profiler(device)
+            t0 = time.perf_counter()
+            batches = [next(train_iter) for _ in range(grad_accum)]
+            # model FLOPs (for the MFU): real tokens x flops_per_token at each micro-batch's row length
+            flops = sum(b.num_tokens * model_lib.flops_per_token(args, b.tokens.shape[1]) for b in batches)
+            counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
+                                   sum(b.tokens.numel() for b in batches), flops, signalled[0]],
+                                  device=device, dtype=torch.float64)  # + the stop flag: the ranks agree in one all-reduce
+            all_reduce_sum(counts)
+            counts, stop_flag = counts[:4], counts[4]
+            n_labels = counts[0].clamp(min=1).float()  # guard: a step with no supervised token has loss 0
+            loss_sum = torch.zeros((), device=device)
+            for i, b in enumerate(batches):
+                if use_fsdp:  # reduce-scatter gradients only after the last micro-batch
+                    model.set_requires_gradient_sync(i == grad_accum - 1)
+                with amp():
+                    loss = model(b.tokens, b.positions, b.doc_ids, b.labels) / n_labels  # SUM of CE / global count
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
+            # The step's one host sync: the non-finite check needs loss and grad norm, the log needs the token counts.
+            # n: supervised tokens, real tokens, token slots, model FLOPs
+            loss_val, grad_norm, *n, stop = torch.cat([all_reduce_sum(loss_sum).double()[None], grad_norm.double()[None],
+                                                       counts, stop_flag[None]]).tolist()
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                if not cfg.trainer.skip_nonfinite:
+                    raise RuntimeError(f"non-finite loss {loss_val} / grad norm {grad_norm} at step {step + 1}: stopping "
+                                       f"(last checkpoint kept; set trainer.skip_nonfinite=true to skip such steps)")
+                print0(f"step {step + 1}: non-finite loss {loss_val} / grad norm {grad_norm}: step skipped")
+            elif n[0] > 0:
+                optimizer.step()
+            else:
+                print0(f"step {step + 1}: no supervised token in the global batch: no update")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            if prof is not None and step in (cfg.trainer.profile_steps[1], num_steps):
+                finish_profiler(prof, out_dir / "profile", rank, [cfg.trainer.profile_steps[0], step], device)
+                prof = None
 
-        for k, v in zip(("labels", "tokens", "padded", "flops"), n):
-            window[k] += v
-        window["steps"] += 1
-        window["time"] += dt
-        window["loss"] += loss_val if math.isfinite(loss_val) else 0.0
-        if step % cfg.regime.publish_metrics_every_n_steps == 0 or step == num_steps:
-            dt = window["time"]
-            rec = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": window["tokens"] / dt, "label_tokens_per_s": window["labels"] / dt,
-                   "padding": 1 - window["tokens"] / max(1, window["padded"]), "memory_gb": memory_gb(device)}
-            peak = peak_flops(device)
-            if peak:
-                rec["mfu"] = window["flops"] / dt / (peak * world)
-            eta = train_time / (step - start_step) * (num_steps - step)
-            print0(f"step {step}/{num_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
-                   f"tok/s {rec['tokens_per_s']:,.0f} (sup {rec['label_tokens_per_s']:,.0f})"
-                   + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "")
-                   + f" | pad {rec['padding']:.1%} | mem {rec['memory_gb']:.2f}GB | eta {eta / 60:.1f}m")
-            publish(rec)
-            window = dict.fromkeys(window, 0)
+            for k, v in zip(("labels", "tokens", "padded", "flops"), n):
+                window[k] += v
+            window["steps"] += 1
+            window["time"] += dt
+            window["loss"] += loss_val if math.isfinite(loss_val) else 0.0
+            if step % cfg.regime.publish_metrics_every_n_steps == 0 or step == num_steps:
+                dt = window["time"]
+                rec = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": window["tokens"] / dt, "label_tokens_per_s": window["labels"] / dt,
+                       "padding": 1 - window["tokens"] / max(1, window["padded"]), "memory_gb": memory_gb(device)}
+                peak = peak_flops(device)
+                if peak:
+                    rec["mfu"] = window["flops"] / dt / (peak * world)
+                eta = train_time / (step - start_step) * (num_steps - step)
+                print0(f"step {step}/{num_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
+                       f"tok/s {rec['tokens_per_s']:,.0f} (sup {rec['label_tokens_per_s']:,.0f})"
+                       + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "")
+                       + f" | pad {rec['padding']:.1%} | mem {rec['memory_gb']:.2f}GB | eta {eta / 60:.1f}m")
+                publish(rec)
+                window = dict.fromkeys(window, 0)
 
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
     # --- final export
     if cfg.checkpoint.export_hf and not result.get("stopped"):
@@ -882,22 +926,30 @@ def train(cfg: Config) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def one_line_errors(prefix: str = "error"):
+    """Bad input (config, paths, data, sizes) ends a command with one line saying what and where, not a traceback.
+    data.py's command line uses it too."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"{prefix}: {e}") from None
+
+
 def main(argv: list[str]):
     if argv and argv[0] == "--export":
         if len(argv) != 3:
-            raise SystemExit("usage: python train.py --export CHECKPOINT_DIR OUT_DIR")
-        export_checkpoint(argv[1], argv[2])
+            raise SystemExit("usage: python train.py --export CHECKPOINT_OR_RUN_DIR OUT_DIR")
+        with one_line_errors():
+            export_checkpoint(argv[1], argv[2])
         return
     if not argv or argv[0] in ("-h", "--help"):
         raise SystemExit(__doc__)
-    try:
+    with one_line_errors("config error"):
         cfg = load_config(argv)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"config error: {e}") from None
     try:
-        train(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input (data, paths, sizes): one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+        with one_line_errors():
+            train(cfg)
     except torch.OutOfMemoryError as e:
         asked = re.search(r"Tried to allocate [\d.]+ \w+", str(e))  # the rest of torch's message is pages long
         raise SystemExit(f"error: out of GPU memory{f' ({asked[0]})' if asked else ''}. Lower dataset.max_num_tokens "

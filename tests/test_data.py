@@ -8,7 +8,9 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,14 +200,14 @@ def test_path_kinds(tmp_path, tok):
         build_loader(cfg_for(tmp_path, tmp_path / "nope"), tok, "train")
 
 
-def test_hub_dataset_from_offline_cache(tmp_path, tok, monkeypatch):
+def offline_hub_repo(tmp_path, monkeypatch, repo_id: str, kind: str = "datasets") -> Path:
+    """The snapshot directory of `repo_id` in an offline huggingface_hub cache under tmp_path (fill it, then read it
+    through hg://repo_id as if downloaded)."""
     pytest.importorskip("huggingface_hub")
     from huggingface_hub import constants
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "datasets--org--name"  # huggingface_hub's cache layout
-    write_jsonl(repo / "snapshots" / commit / "main" / "train-00000-of-00001.jsonl", qa_rows(7))
-    write_jsonl(repo / "snapshots" / commit / "main" / "test-00000-of-00001.jsonl", qa_rows(2))
-    (repo / "refs").mkdir()
+    repo = tmp_path / "hf" / "hub" / f"{kind}--{repo_id.replace('/', '--')}"  # huggingface_hub's cache layout
+    (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -213,6 +215,13 @@ def test_hub_dataset_from_offline_cache(tmp_path, tok, monkeypatch):
     # huggingface_hub reads the environment at import: patch its constants for an already imported module
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo / "snapshots" / commit
+
+
+def test_hub_dataset_from_offline_cache(tmp_path, tok, monkeypatch):
+    snapshot = offline_hub_repo(tmp_path, monkeypatch, "org/name")
+    write_jsonl(snapshot / "main" / "train-00000-of-00001.jsonl", qa_rows(7))
+    write_jsonl(snapshot / "main" / "test-00000-of-00001.jsonl", qa_rows(2))
     assert len(build_loader(cfg_for(tmp_path, "hg://org/name"), tok, "train").data) == 7
     assert len(build_loader(cfg_for(tmp_path, "hg://org/name/main"), tok, "test").data) == 2
     one_file = "hg://org/name/main/train-00000-of-00001.jsonl"  # a Hub file is the train split only, as a local one
@@ -760,5 +769,19 @@ def test_report_cli(tmp_path, qa_dir, capsys):
     data.main([str(cfg), "dataset.max_num_tokens=256"])
     out = capsys.readouterr().out
     for s in ["203 examples read", "== valid", "static 16", "dynamic 256", "packed 4x64", "padding", "example 0",
-              "\x1b[30;42m"]:
+              "supervised tokens are shown between \u00ab and \u00bb", "\u00ab"]:  # no ANSI codes into a pipe
         assert s in out, s
+    with pytest.raises(SystemExit, match="config error: .*unknown config key"):  # one line, as train.py
+        data.main([str(cfg), "dataset.bogus=1"])
+    with pytest.raises(SystemExit, match="error: .*tokenizer.path"):
+        data.main([str(cfg), "tokenizer.path=hg://org/missing"])
+
+
+def test_report_cli_tokenizer_from_hub(tmp_path, qa_dir, llama3_tokenizer_dir, monkeypatch, capsys):
+    """The shipped configs name model.path: hg://...: data.py resolves it as train.py does."""
+    snapshot = offline_hub_repo(tmp_path, monkeypatch, "org/llama", kind="models")
+    shutil.copytree(llama3_tokenizer_dir, snapshot)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset:\n  path: {qa_dir}\n  cache_dir: {tmp_path}/cache\nmodel:\n  path: hg://org/llama\n")
+    data.main([str(cfg)])
+    assert "203 examples read" in capsys.readouterr().out

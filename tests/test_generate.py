@@ -502,6 +502,12 @@ def test_cli(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         gen.main([str(model_dir)])  # neither --prompt nor --gsm8k
+    for bad, msg in [(["--batch-size", "0"], "must be >= 1"), (["--device", "cuda"], "sees no CUDA GPU")]:
+        if bad[0] == "--device" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit):
+            gen.main([str(model_dir), "--prompt", "x", *bad])
+        assert msg in capsys.readouterr().err
 
     # --compile reaches generate (test_compiled_decode_equals_eager_and_compiles_once tests what it does)
     seen = []

@@ -97,7 +97,7 @@ def close(a: dict, b: dict, steps, tol):
 # ------------------------------------------------------------------------------------------------------ config
 
 
-def test_config_parsing_and_overrides(tiny_data, tmp_path):
+def test_config_parsing_and_overrides(tiny_data, tmp_path, monkeypatch):
     path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", optimizer={"lr": "3e-5"},
                               trainer={"gradient_accumulation": 3}, checkpoint={"output_dir": "/tmp/x"}), tmp_path / "c.yaml")
     cfg = train.load_config([path, "optimizer.betas=[0.9,0.99]", "--regime.num_steps=7", "dataset.valid_split=null"])
@@ -105,6 +105,10 @@ def test_config_parsing_and_overrides(tiny_data, tmp_path):
     assert cfg.trainer.grad_accum == 3 and cfg.checkpoint.dir == "/tmp/x"      # fairseq2-style aliases
     assert cfg.optimizer.betas == [0.9, 0.99] and cfg.regime.num_steps == 7 and cfg.dataset.valid_split == ""
     assert train.load_config(["--config-file", path, "optimizer.lr=1"]).optimizer.lr == 1.0  # int -> float is fine
+    # local model / tokenizer paths are stored absolute: generate.py and --export read them from anywhere
+    monkeypatch.chdir(tmp_path)
+    assert train.load_config([path, "model.name=", "model.path=.", "tokenizer.path=c.yaml"]).model.path == \
+        str(tmp_path) and train.load_config([path, "tokenizer.path=c.yaml"]).tokenizer.path == path
 
 
 @pytest.mark.parametrize("override, match", [
@@ -119,13 +123,15 @@ def test_config_parsing_and_overrides(tiny_data, tmp_path):
     ("lr_scheduler.name=step", r"cosine\|linear\|wsd\|constant"),
     ("lr_scheduler.decay_fraction=1.5", r"decay_fraction must be in \[0, 1\]"),
     ("checkpoint.export_dtype=fp16", r"checkpoint.export_dtype must be auto\|float32\|bfloat16"),
-    ("model.path=/nonexistent/model", r"exactly one of model.name"),
+    ("model.path=/nonexistent/model", r"exactly one of model.name .*name='tiny_llama'.*empty the other"),
     ("regime=3", r"section 'regime' must be a mapping"),
     ("dataset.path=", r"dataset.path is required"),
     ("trainer.dp_replicate=0", r"trainer.dp_replicate must be >= 1"),
     ("num_steps", r"expected section.key=value"),
     ("trainer.profile_steps=[3,2]", r"trainer.profile_steps must be \[\] or \[first, last\]"),
     ("regime.num_data_epochs=-1", r"regime.num_data_epochs must be >= 0"),
+    pytest.param("trainer.device=cuda", r"trainer.device=cuda, but this torch .* sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ])
 def test_config_errors(tiny_data, tmp_path, override, match):
     path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", dataset={"batch_size": 0}), tmp_path / "c.yaml")
@@ -172,6 +178,46 @@ def test_process_group_timeout_is_the_configured_one(tiny_data, tmp_path, monkey
     with pytest.raises(RuntimeError, match="stop here"):
         train.train(train.load_config([path]))
     assert seen["timeout"].total_seconds() == 90 * 60
+
+
+def get_lr_then_ctrl_c(step, cfg, presses=1):
+    if step == 2:
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+    return LR(step, cfg)
+
+
+LR = train.get_lr
+
+
+def test_ctrl_c_checkpoints_then_resume_says_what_changed_and_export_takes_the_run(tiny_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Ctrl-C ends the step, writes a checkpoint and stops (a second one quits at once); a resume with another
+    num_steps says so; `--export RUN_DIR` exports the run's newest checkpoint."""
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(train, "get_lr", get_lr_then_ctrl_c)
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", dataset={"valid_split": ""})
+    assert train_in_process(cfg, tmp_path)["stopped"]
+    assert "got SIGINT: checkpoint and stop (Ctrl-C again quits without it)" in capsys.readouterr().out
+    assert [p.name for p in train.complete_checkpoints(tmp_path / "out" / "checkpoints")] == ["step_00000003"]
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+
+    monkeypatch.setattr(train, "get_lr", lambda step, cfg: get_lr_then_ctrl_c(step, cfg, presses=2))
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(tiny_cfg(tiny_data, tmp_path / "out2", dataset={"valid_split": ""}), tmp_path, "c2.yaml")
+    assert signal.getsignal(signal.SIGINT) is handler and not (tmp_path / "out2" / "checkpoints").exists()
+
+    monkeypatch.setattr(train, "get_lr", LR)
+    cfg["regime"]["num_steps"] = 2
+    assert train_in_process(cfg, tmp_path)["step"] == 3
+    out = capsys.readouterr().out
+    assert "the lr schedule differs from the checkpoint's run (regime.num_steps: 4 -> 2)" in out
+    assert "the checkpoint is at step 3 and regime.num_steps=2: nothing left to train" in out
+    train.main(["--export", str(tmp_path / "out"), str(tmp_path / "hf")])
+    assert "exporting the newest checkpoint of the run: " in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit, match="error: not a complete checkpoint"):  # one line, no traceback
+        train.main(["--export", str(tmp_path / "nothing"), str(tmp_path / "hf")])
 
 
 def test_evaluation_never_reads_a_single_train_file(tiny_data, tmp_path):
