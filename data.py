@@ -112,17 +112,18 @@ class Batch:
     doc_ids: torch.Tensor | None     # (B,T) int32 document index per token (packed rows only)
     num_tokens: int                  # real (non-pad) tokens
     num_label_tokens: int            # labels != -100
+    doc_len_sq: int = 0              # sum over the documents of (model tokens)^2: attention's model FLOPs (MFU)
     source: int = -1                 # a mixture's validation batch: the one source of its examples (else -1)
 
     def to(self, device, non_blocking=False) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
-        return Batch(move(self.tokens), move(self.labels), move(self.positions), move(self.doc_ids),
-                     self.num_tokens, self.num_label_tokens, self.source)
+        return dataclasses.replace(self, tokens=move(self.tokens), labels=move(self.labels),
+                                   positions=move(self.positions), doc_ids=move(self.doc_ids))
 
     def pin_memory(self) -> "Batch":
         pin = lambda t: None if t is None else t.pin_memory()
-        return Batch(pin(self.tokens), pin(self.labels), pin(self.positions), pin(self.doc_ids),
-                     self.num_tokens, self.num_label_tokens, self.source)
+        return dataclasses.replace(self, tokens=pin(self.tokens), labels=pin(self.labels),
+                                   positions=pin(self.positions), doc_ids=pin(self.doc_ids))
 
 
 class BadExample(ValueError):
@@ -756,7 +757,8 @@ def collate(data: TokenizedData, batch, pad_id: int, packed_len: int | None) -> 
     positions[rows, cols] = pos
     doc_ids[rows, cols] = local_doc[doc_of_tok]
     return Batch(torch.from_numpy(tokens), torch.from_numpy(labels), torch.from_numpy(positions),
-                 torch.from_numpy(doc_ids) if packed_len else None, int(fill.sum()), int((labels != -100).sum()))
+                 torch.from_numpy(doc_ids) if packed_len else None, int(fill.sum()), int((labels != -100).sum()),
+                 int((n * n).sum()))
 
 
 # ----------------------------------------------------------------------------------------------------------------

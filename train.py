@@ -853,8 +853,10 @@ def train(cfg: Config) -> dict:
                 prof = start_profiler(device)
             t0 = time.perf_counter()
             batches = [next(train_iter) for _ in range(grad_accum)]
-            # model FLOPs (for the MFU): real tokens x flops_per_token at each micro-batch's row length
-            flops = sum(b.num_tokens * model_lib.flops_per_token(args, b.tokens.shape[1]) for b in batches)
+            # model FLOPs (for the MFU): real tokens x flops_per_token, attention over each document (what the
+            # doc-masked model computes, packed or padded: a token's mean causal span is sum(n^2) / sum(n))
+            flops = sum(b.num_tokens * model_lib.flops_per_token(args, b.doc_len_sq / max(b.num_tokens, 1))
+                        for b in batches)
             counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
                                    sum(b.tokens.numel() for b in batches), flops, signalled[0]],
                                   device=device, dtype=torch.float64)  # + the stop flag: the ranks agree in one all-reduce

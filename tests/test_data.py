@@ -337,6 +337,11 @@ def test_packing_fills_rows(tmp_path, tok, qa_dir):
     assert all(lengths[row].sum() <= 256 for row in rows)
     assert len(rows) <= int(np.ceil(lengths.sum() / 256)) + 1  # nearly the lower bound
     assert data.real_token_fraction(plan, lengths, cfg) > 0.95
+    loader = build_loader(cfg, tok, "train")
+    b = next(loader)  # doc_len_sq (the MFU's attention term) = sum of squared document lengths, from doc_ids
+    doc_key = (b.doc_ids + 1000 * torch.arange(len(b.doc_ids))[:, None])[b.tokens.ne(loader.pad_id)]  # real tokens
+    sizes = torch.unique(doc_key, return_counts=True)[1]
+    assert b.doc_len_sq == int((sizes ** 2).sum()) and int(sizes.sum()) == b.num_tokens
 
 
 def test_packing_isolation_matches_unpacked_loss(tmp_path, tok, qa_dir):

@@ -256,13 +256,23 @@ def test_peak_flops_by_device_name():
 
 
 def test_logged_mfu_is_model_flops_of_the_real_tokens(tiny_data, tmp_path, monkeypatch):
-    """mfu = sum over micro-batches of real (non-pad) tokens x model.flops_per_token(row length) / time / peak."""
+    """mfu = model FLOPs / time / peak, the FLOPs summed over micro-batches: real (non-pad) tokens x
+    model.flops_per_token with attention over each document (span sum(n^2) / sum(n)), not over the packed row."""
     monkeypatch.setattr(train, "peak_flops", lambda device: 1e12)
-    train_in_process(tiny_cfg(tiny_data, tmp_path / "out", trainer={"device": "cpu", "grad_accum": 2}), tmp_path)
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", trainer={"device": "cpu", "grad_accum": 2},
+                   dataset={"valid_split": "", "shuffle": False})
+    train_in_process(cfg, tmp_path)
     recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "mfu" in r]
-    per_token = M.flops_per_token(M.get_preset("tiny_llama"), 128)  # packed rows of max_seq_len=128
-    assert len(recs) == 4 and all(r["mfu"] * 1e12 / r["tokens_per_s"] == pytest.approx(per_token) for r in recs)
+    loader = data.build_loader(train.load_config([write_cfg(cfg, tmp_path / "c.yaml")]).dataset,
+                               train.load_tokenizer("byte", ""), "train")
+    args = M.get_preset("tiny_llama")
+    for step in range(4):  # the same batches the run took (one rank, 2 micro-batches a step)
+        batches = [next(loader) for _ in range(2)]
+        want = sum(b.num_tokens * M.flops_per_token(args, b.doc_len_sq / b.num_tokens) for b in batches)
+        tokens = sum(b.num_tokens for b in batches)
+        assert recs[step]["step"] == step + 1 and recs[step]["mfu"] * 1e12 / recs[step]["tokens_per_s"] == \
+            pytest.approx(want / tokens)
+        assert batches[0].doc_len_sq < batches[0].tokens.shape[1] * batches[0].num_tokens  # documents < rows
 
 
 def test_num_data_epochs_limits_the_run_and_the_schedule(tiny_data, tmp_path, capsys):
