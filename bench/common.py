@@ -120,6 +120,23 @@ def choose_hf_batch_size(lengths, budget, seed=0):
     return best
 
 
+def hf_packed_inputs(tokens, labels, positions):
+    """transformers' padding-free input (TRL padding_free / DataCollatorWithFlattening) for OUR packed rows: the same
+    (B,T) token ids, position_ids restarting at 0 in every document (data.collate's `positions`; a row's padding
+    tail starts at 0 too, so it is a document of its own), no attention_mask. transformers 5.x then derives the
+    documents from the position_ids and SDPA gets a block-diagonal causal mask, but only while no KV cache exists:
+    use_cache=False is required (with use_cache=True, the default of the config, attention silently crosses
+    documents; the loss checks catch that).
+    Labels: `labels` in HF's convention (unshifted: labels[t] is the target of position t - 1, -100 in column 0)
+    and `shift_labels` = ours (labels[t] = target of position t), which transformers' ForCausalLMLoss uses instead
+    of shifting `labels` itself. Both hold the same (position, target) pairs except the last column, which
+    unshifted labels cannot express (a row filled to its last slot supervises it), so shift_labels makes the
+    supervision exactly ours; the loss is HF's own (mean CE over the supervised tokens, upcast to fp32)."""
+    hf_labels = torch.full_like(labels, -100)
+    hf_labels[:, 1:] = labels[:, :-1]
+    return dict(input_ids=tokens, position_ids=positions, labels=hf_labels, shift_labels=labels, use_cache=False)
+
+
 def hf_collate(examples, pad_id):
     """DataCollatorWithPadding-style batch of (ids, mask) examples: right padding to the longest, attention_mask,
     labels = ids where supervised else -100 (unshifted: the model predicts labels[t+1] from position t)."""
@@ -158,13 +175,17 @@ def ours_optimizer(model, fused=True):
     return train.build_optimizer(model, train.OptimizerConfig(), fused=fused)
 
 
-def run_alternating(sides, warmup, rounds, steps) -> dict:
+def run_alternating(sides, warmup, rounds, steps, after_first=None) -> dict:
     """The first step of each side (compile, lazy optimizer state, allocator) is timed and reported apart, then
     `warmup - 1` untimed steps, then `rounds` of `steps` timed steps per side in turn, so load drift hits both.
-    Returns each side's memory readings."""
+    after_first(sides): called once every side has made its first step (s.loss0, s.first_stats), e.g. to check the
+    step-0 losses before spending minutes on timing. Returns each side's memory readings."""
     for s in sides:
         (s.first_step_s, first), = s.steps(1)
-        s.loss0 = first["loss"]
+        s.loss0, s.first_stats = first["loss"], first
+    if after_first is not None:
+        after_first(sides)
+    for s in sides:
         if warmup > 1:
             s.steps(warmup - 1)
     for _ in range(rounds):
@@ -173,12 +194,93 @@ def run_alternating(sides, warmup, rounds, steps) -> dict:
     return {s.name: s.mem() for s in sides}
 
 
+# ------------------------------------------------------------------------------------------------ weights, checks
+# Correctness checks of every benchmark: ours and HF on the same weights and tokens must compute the same model.
+# 1. Weights: normal(0, INIT_STD) for every matrix (norms ones), not model.init_weights' 0.02. At 0.02 the logits
+#    are nearly uniform and the loss is ~ln(vocab) whatever the model computes (zeroing all attention moves it by
+#    4e-4 relative, positions all 0 by 2e-6). At 0.1 (bench/generate.py's initializer_range) bugs move the loss by
+#    1e-4 to 8e-3 relative, depending on shape and batch. Speed does not depend on the values.
+# 2. The mean loss averages the bugs' per-token errors of either sign, so the checks also compare the CE of every
+#    supervised token (token_losses): relative RMS of the per-token differences. Measured on CPU (/tmp scratch,
+#    compiled ours vs HF, tiny and 70M Llama shapes, packed rows): real code 3e-7 (fp32) / <= 2e-3 (bf16 autocast);
+#    no document mask or RoPE positions all 0: >= 3e-2 in both. The mean-loss check (the training step's own loss,
+#    through the fused CE) stays as well: real code <= 1.1e-4 in CPU bf16 autocast, was 3e-5 on an H200.
+INIT_STD = 0.1
+LOSS_RTOL = {"fp32": 1e-5, "bf16": 5e-4}    # |mean loss ours - HF| / HF, step 0
+TOKEN_RTOL = {"fp32": 1e-4, "bf16": 1e-2}   # RMS(per-token CE ours - HF) / mean CE, same weights, before step 0
+
+
+@torch.no_grad()
+def bench_init_(model):
+    """model.init_weights(), then every matrix (Linear, Embedding; a tied head is the embedding) redrawn from
+    N(0, INIT_STD)."""
+    model.init_weights()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(m.weight, mean=0.0, std=INIT_STD)
+    return model
+
+
+def loss_check(name, ours, ref, precision):
+    """(line, ok): the relative difference |ours - ref| / |ref| of two step-0 losses against LOSS_RTOL[precision]."""
+    d = abs(ours - ref) / abs(ref)
+    ok = d < LOSS_RTOL[precision]
+    return (f"loss check {name}: ours {ours:.6f} vs {ref:.6f}, rel diff {d:.1e} "
+            f"{'OK' if ok else 'MISMATCH'} (< {LOSS_RTOL[precision]:.0e}, {precision}, init std {INIT_STD})"), ok
+
+
+@torch.no_grad()
+def token_losses(logits, targets, rows=1):
+    """fp32 cross-entropy of every supervised position (targets != -100) of (B,T,V) logits against (B,T) targets
+    (ours' convention: the target of position t), row-major, as a 1-D CPU tensor; `rows` rows at a time (memory)."""
+    out = []
+    for r in range(0, logits.shape[0], rows):
+        keep = targets[r:r + rows] != -100
+        out.append(torch.nn.functional.cross_entropy(logits[r:r + rows][keep].float(), targets[r:r + rows][keep],
+                                                     reduction="none").cpu())
+    return torch.cat(out)
+
+
+def ours_token_losses(model, tokens, positions, doc_ids, labels):
+    """Our model's per-token CE (token_losses) on a batch, from its logits (model(...) without labels: the same blocks
+    as a training step, grad mode as the caller's so compiled blocks are reused, nothing backpropagated)."""
+    logits = model(tokens, positions, doc_ids)
+    out = token_losses(logits.detach(), labels)
+    del logits
+    return out
+
+
+@torch.no_grad()
+def hf_token_losses(model, inputs):
+    """transformers' per-token CE (token_losses) for one batch of model kwargs (padded: labels unshifted; packed:
+    common.hf_packed_inputs with shift_labels), in the same order as ours_token_losses on the same tokens."""
+    out = model(**{k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")})
+    if inputs.get("shift_labels") is not None:
+        targets = inputs["shift_labels"]
+    else:
+        targets = torch.nn.functional.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+    return token_losses(out.logits, targets)
+
+
+def token_check(name, ours, ref, precision):
+    """(line, ok): per-token CE of the same supervised tokens, RMS(ours - ref) / mean(ref) vs TOKEN_RTOL."""
+    ours, ref = torch.as_tensor(ours), torch.as_tensor(ref)
+    if ours.shape != ref.shape:
+        return f"token check {name}: {ours.numel()} vs {ref.numel()} supervised tokens MISMATCH", False
+    d = ours.double() - ref.double()
+    rel = float(d.pow(2).mean().sqrt() / ref.double().mean())
+    ok = rel < TOKEN_RTOL[precision]
+    verdict = "OK" if ok else "MISMATCH"
+    return (f"token check {name}: per-token CE of {ref.numel()} tokens, rel RMS diff {rel:.1e} (max abs "
+            f"{float(d.abs().max()):.1e}) {verdict} (< {TOKEN_RTOL[precision]:.0e}, {precision})"), ok
+
+
 def save_random_init(margs, hf_dir):
-    """One seeded random init, written as an HF directory: both sides of a benchmark load these same weights."""
+    """One seeded random init (bench_init_), written as an HF directory: both sides of a benchmark load it."""
     import model as M
     torch.manual_seed(0)
     m = M.Transformer(margs)
-    m.init_weights()
+    bench_init_(m)
     M.save_hf(m, margs, hf_dir)
 
 

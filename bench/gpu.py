@@ -7,10 +7,14 @@
 Cases, in this order (each in try/except; a case that would not fit the remaining --time-budget is skipped):
   packed4096 / packed2048  Llama 3.2 1B shape (preset llama3_2_1b, random init, tied 128,256 vocab), --budget token
         slots per step. Ours: data.py's packing (best-fit-decreasing, data.plan_epoch + data.collate) of GSM8K-like
-        documents into rows of 4096 / 2048 tokens, doc_ids -> flex_attention document mask. HF: the same documents,
-        Trainer's default batching: static batches of N in random order padded to the longest (N: mean padded size
-        <= budget), attn_implementation="sdpa" with attention_mask. Document lengths: (prompt, response) pairs of
-        256 real GSM8K train examples under the Llama 3.2 tokenizer, embedded in bench/common.py (no data files needed).
+        documents into rows of 4096 / 2048 tokens, doc_ids -> flex_attention document mask. HF twice:
+        "HF" = Trainer's default batching of the same documents: static batches of N in random order padded to the
+        longest (N: mean padded size <= budget), attn_implementation="sdpa" with attention_mask (the issue's goal
+        is defined against this); "HF packed" = padding-free (TRL padding_free / DataCollatorWithFlattening):
+        exactly our packed rows, position_ids restarting per document, no attention_mask, use_cache=False
+        (common.hf_packed_inputs; sdpa with the block-diagonal mask transformers derives from position_ids).
+        Document lengths: (prompt, response) pairs of 256 real GSM8K train examples under the Llama 3.2 tokenizer,
+        embedded in bench/common.py (no data files needed).
   llama_cpu / qwen3_cpu    bench/train_step.py's shapes (vocab 128,256 / 151,936), the same 8 x 512 batch for both.
   fsdp4096                 packed4096 for ours only, with FSDP2 on its one rank (MixedPrecisionPolicy bf16 over fp32):
         what each rank of a multi-GPU run does, beside train.py's one-GPU autocast path.
@@ -19,16 +23,21 @@ Cases, in this order (each in try/except; a case that would not fit the remainin
 Precision, mirroring train.py on one GPU: ours = bf16 autocast over fp32 weights (no FSDP on one rank, as
 torchtitan), per-block torch.compile, fused AdamW, loss = SUM CE / supervised tokens; HF = what Trainer(bf16=True)
 does: bf16 autocast over fp32 weights, fused AdamW (Trainer's default), its default loss. Both clip the grad norm at 1.0 and read loss + grad norm each step (as train.py / Trainer log).
-Weights: one seeded random init, loaded into both (ours via set_model_state_dict as train.py, HF via
-model.ours_to_hf); the loss of step 0 is compared (packed cases: ours' first packed batch vs HF forward on the same
-documents padded) as a correctness check.
+Weights: one seeded random init (common.bench_init_: N(0, common.INIT_STD = 0.1), at which the loss depends on what
+the model computes), loaded into all sides (ours via load_state_dict / set_model_state_dict as train.py, HF via
+model.ours_to_hf). Step-0 losses are compared (common.LOSS_RTOL, bf16): packed cases: ours' first packed batch vs
+HF forward on the same documents each padded, and vs HF packed's first step (the same batch: shows that HF's
+position_ids path isolates the documents); same-batch cases: ours vs HF. A mismatch is logged, marked in the table,
+and the script exits with an error after the table.
 Columns: trained tok/s = supervised tokens (labels != -100) per second over --steps timed steps after --warmup
-steps (the first step, with compilation, is reported separately). MFU = model.flops_per_token(args, row length)
-x real (non-pad) tokens/s / 989e12 (H100/H200 SXM dense bf16); the formula counts the head and all matmuls but not
-the embedding gather, and attention at the row length (ours: packed documents are much shorter, so the attention
-term over-counts what flex computes, and ours runs the head on supervised tokens only: the notes give the FLOPs
-ours executes too). Peak GB =
-torch.cuda.max_memory_allocated during the timed side (params, grads, optimizer state, activations).
+steps (the first step, with compilation, is reported separately). MFU, one convention for every side:
+model.flops_per_token(args, span) x real (non-pad) tokens/s / peak (train.peak_flops of the GPU, 989e12 for
+H100/H200 SXM dense bf16), span = sum(doc_len^2) / sum(doc_len) over the documents of the timed batches (the
+model's causal attention within each document: a padded HF row holding one document costs the model the same FLOPs
+per real token as that document in a packed row; same-batch cases: one document per row, span = row length), the
+LM head counted for every real token (the standard 6N). Ours' head runs on supervised tokens only: the notes also
+give the FLOPs ours executes (head share = supervised / real) as a utilization of the same peak.
+Peak GB = torch.cuda.max_memory_allocated during the timed side (params, grads, optimizer state, activations).
 """
 import os
 import sys
@@ -55,7 +64,7 @@ from bench import common
 import train  # noqa: E402
 from train import PEAK_BF16_FLOPS  # noqa: E402
 
-PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # H100 / H200 SXM, dense bf16 (the same 989e12 for both)
+PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # H100 / H200 SXM, dense bf16 (the same 989e12 for both); main() sets the GPU's
 REPORT = []          # lines for $OUT/gpu_bench.txt
 
 
@@ -106,13 +115,13 @@ def mesh_1rank(device):
 
 
 def init_state_dict(margs, device, seed=0):
-    """One seeded random init (model.init_weights), as a full fp32 state dict on the CPU."""
+    """One seeded random init (common.bench_init_), as a full fp32 state dict on the CPU."""
     import model as M
     torch.manual_seed(seed)
     with torch.device("meta"):
         m = M.Transformer(margs)
     m.to_empty(device=device)
-    m.init_weights()
+    common.bench_init_(m)
     sd = {k: v.detach().to("cpu") for k, v in m.state_dict().items()}
     del m
     free(device)
@@ -178,7 +187,7 @@ def ours_step(model, opt, b, device, use_autocast):
 
 def hf_step(model, opt, b, device):
     with autocast(device):  # Trainer(bf16=True): autocast around the forward (and the loss inside it)
-        loss = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), labels=b["labels"]).loss
+        loss = model(**b["inputs"]).loss
     return common.backward_and_step(model, opt, loss)
 
 
@@ -201,9 +210,11 @@ def run_side(step, batches, args, device):
         used.append(b)
     sync(device)
     secs = time.perf_counter() - t0
+    real = sum(b["n_real"] for b in used)
     return dict(loss0=loss0, first_s=first, secs=secs, steps=args.steps, peak_gb=peak_gb(device),
-                sup=sum(b["n_sup"] for b in used), real=sum(b["n_real"] for b in used),
-                slots=sum(b["n_slots"] for b in used), seq_len=float(np.mean([b["seq_len"] for b in used])))
+                sup=sum(b["n_sup"] for b in used), real=real, slots=sum(b["n_slots"] for b in used),
+                seq_len=float(np.mean([b["seq_len"] for b in used])),
+                span=sum(b["doc_sq"] for b in used) / real)  # sum(doc_len^2) / sum(doc_len): the MFU attention span
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -240,10 +251,18 @@ def ours_packed_batches(docs, seq_len, budget, n_batches, device):
     out = []
     for rows in plan:
         b = data.collate(docs, rows, pad_id=0, packed_len=seq_len).to(device)
+        idx = [i for row in rows for i in row]
         out.append(dict(tokens=b.tokens, labels=b.labels, positions=b.positions, doc_ids=b.doc_ids,
                         n_sup=b.num_label_tokens, n_real=b.num_tokens, n_slots=b.tokens.numel(), seq_len=seq_len,
-                        doc_idx=[i for row in rows for i in row]))
+                        doc_idx=idx, doc_sq=int((docs.lengths[idx] ** 2).sum())))
     return out
+
+
+def hf_packed_batches(ours_b):
+    """HF padding-free: exactly ours' packed rows (common.hf_packed_inputs), the same counts."""
+    keys = ("n_sup", "n_real", "n_slots", "seq_len", "doc_sq")
+    return [dict(inputs=common.hf_packed_inputs(b["tokens"], b["labels"], b["positions"]), **{k: b[k] for k in keys})
+            for b in ours_b]
 
 
 def hf_padded_batches(docs, n, n_batches, device, seed=0):
@@ -251,23 +270,34 @@ def hf_padded_batches(docs, n, n_batches, device, seed=0):
     out = []
     for idx in common.hf_batches(lengths, n, seed, 0)[:n_batches]:
         input_ids, attention_mask, labels = common.hf_collate([docs.example(i) for i in idx], pad_id=0)
-        out.append(dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                        labels=labels.to(device), n_sup=int((labels[:, 1:] != -100).sum()),
-                        n_real=int(attention_mask.sum()), n_slots=input_ids.numel(), seq_len=input_ids.shape[1]))
+        row_len = attention_mask.sum(1)  # one document per row: its ids, all fed
+        out.append(dict(inputs=dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    labels=labels.to(device)),
+                        n_sup=int((labels[:, 1:] != -100).sum()), n_real=int(row_len.sum()),
+                        n_slots=input_ids.numel(), seq_len=input_ids.shape[1], doc_sq=int((row_len ** 2).sum())))
     return out
 
 
-def hf_loss_on_docs(model, docs, idx, device, chunk=16):
-    """Mean CE of the HF model over the supervised tokens of documents `idx`, each padded separately (no_grad)."""
-    total, count = 0.0, 0
+def hf_check_on_docs(model, docs, idx, device, chunk=16):
+    """The HF model on documents `idx`, each padded separately (no_grad, bf16 autocast): the mean CE over their
+    supervised tokens, and the per-token CE in ours' order (documents in row order, as ours' packed rows hold them)."""
+    total, count, tokens = 0.0, 0, []
     with torch.no_grad(), autocast(device):
         for i in range(0, len(idx), chunk):
             input_ids, attention_mask, labels = common.hf_collate([docs.example(j) for j in idx[i:i + chunk]], 0)
             n = int((labels[:, 1:] != -100).sum())
-            loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         labels=labels.to(device)).loss
-            total, count = total + loss.item() * n, count + n
-    return total / count
+            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        labels=labels.to(device))
+            tokens.append(common.token_losses(out.logits, torch.nn.functional.pad(labels[:, 1:], (0, 1),
+                                                                                  value=-100).to(device)))
+            total, count = total + out.loss.item() * n, count + n
+    return {"check_loss": total / count, "token_losses": torch.cat(tokens)}
+
+
+def hf_check_on_batch(model, batch, device):
+    """The per-token CE of the HF model on one of its batches (before any update), bf16 autocast."""
+    with autocast(device):
+        return {"token_losses": common.hf_token_losses(model, batch["inputs"])}
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -279,32 +309,39 @@ def case_packed(args, device, seq_len, state, mode=None, with_hf=True, profile=F
     ours_b = ours_packed_batches(docs, seq_len, args.budget, args.n_batches, device)
     hf_b = hf_padded_batches(docs, n_hf, args.n_batches, device)
     res = {"margs": margs, "notes": [f"HF static batch {n_hf} examples (mean padded "
-                                     f"{np.mean([b['n_slots'] for b in hf_b]):.0f} slots); ours "
+                                     f"{np.mean([b['n_slots'] for b in hf_b]):.0f} slots); ours and HF packed "
                                      f"{args.budget // seq_len} x {seq_len} packed rows"]}
     res["ours"] = run_ours(args, device, margs, state["sd_1b"], ours_b, state, mode, profile)
     if "error" not in res["ours"]:
-        # What the GPU executes is less than MFU credits: attention spans each document, not the row (a token's
-        # mean causal span is sum(n^2) / sum(n)), and the fused loss runs the head on supervised tokens only.
-        lens = docs.lengths.astype(np.float64)
-        span, r = float((lens ** 2).sum() / lens.sum()), res["ours"]
-        executed = M.flops_per_token(margs, span, head_share=r["sup"] / r["real"]) * r["real"] / r["secs"]
-        res["notes"].append(f"ours executed-FLOP utilization (attention over documents, mean span {span:.0f}; head on "
-                            f"the {r['sup'] / r['real']:.0%} supervised tokens): {executed / PEAK_FLOPS:.1%}")
-    res["hf"] = run_hf(args, device, margs, state["sd_1b"], hf_b,
-                       check=lambda m: hf_loss_on_docs(m, docs, ours_b[0]["doc_idx"], device)) \
-        if with_hf else {"skipped": True}
+        # MFU counts the head for every real token; the fused loss runs it on supervised tokens only, so the GPU
+        # executes fewer FLOPs than that (attention is counted over each document in both).
+        r = res["ours"]
+        executed = M.flops_per_token(margs, r["span"], head_share=r["sup"] / r["real"]) * r["real"] / r["secs"]
+        res["notes"].append(f"ours executed-FLOP utilization (attention over documents, mean span {r['span']:.0f}; "
+                            f"head on the {r['sup'] / r['real']:.0%} supervised tokens): {executed / PEAK_FLOPS:.1%}")
+    if with_hf:
+        res["hf"] = run_hf(args, device, margs, state["sd_1b"], hf_b,
+                           check=lambda m: hf_check_on_docs(m, docs, ours_b[0]["doc_idx"], device))
+        # its first batch is ours' first batch: its per-token CE and step-0 loss are the check (document isolation)
+        hfp_b = hf_packed_batches(ours_b)
+        res["hf_packed"] = run_hf(args, device, margs, state["sd_1b"], hfp_b,
+                                  check=lambda m: hf_check_on_batch(m, hfp_b[0], device))
+    else:
+        res["hf"] = res["hf_packed"] = {"skipped": True}
     return res
 
 
 def case_same(args, device, margs, sd, batch_size, seq_len, state):
     tokens, hf_labels, labels = common.sft_batch(batch_size, seq_len, margs.vocab_size, seed=0)
     n_sup = int((labels != -100).sum())
-    meta = dict(n_sup=n_sup, n_real=tokens.numel(), n_slots=tokens.numel(), seq_len=seq_len)
+    meta = dict(n_sup=n_sup, n_real=tokens.numel(), n_slots=tokens.numel(), seq_len=seq_len,
+                doc_sq=batch_size * seq_len ** 2)  # one document per row
     ours_b = [dict(tokens=tokens.to(device), labels=labels.to(device), positions=None, doc_ids=None, **meta)]
-    hf_b = [dict(input_ids=tokens.to(device), labels=hf_labels.to(device), **meta)]
+    hf_b = [dict(inputs=dict(input_ids=tokens.to(device), labels=hf_labels.to(device)), **meta)]
     res = {"margs": margs, "notes": [f"same batch {batch_size} x {seq_len} for both, {n_sup} supervised tokens"]}
     res["ours"] = run_ours(args, device, margs, sd, ours_b, state)
-    res["hf"] = run_hf(args, device, margs, sd, hf_b, check=None)
+    res["hf"] = run_hf(args, device, margs, sd, hf_b, check=lambda m: hf_check_on_batch(m, hf_b[0], device))
+    res["hf_packed"] = {"skipped": True}  # rows are whole documents: nothing to pack
     return res
 
 
@@ -326,7 +363,20 @@ def run_ours(args, device, margs, sd, batches, state, mode=None, profile=False):
             torch._dynamo.reset()  # static shapes per case, as a train.py run has (no automatic-dynamic recompile)
             model, opt = build_ours(margs, sd, device, mode, compile_blocks=not args.no_compile)
             use_ac = mode == "autocast"  # FSDP2 casts to bf16 itself
+            checked = {}
+            if mode != "fsdp":  # the per-token CE of the first batch, before any update (fsdp4096 has no HF side)
+                t0 = time.perf_counter()
+                with autocast(device, use_ac):
+                    b0 = batches[0]
+                    checked["token_losses"] = common.ours_token_losses(model, b0["tokens"], b0["positions"],
+                                                                       b0["doc_ids"], b0["labels"])
+                sync(device)
+                checked["check_s"] = time.perf_counter() - t0
+                free(device)
             r = run_side(lambda b: ours_step(model, opt, b, device, use_ac), batches, args, device)
+            r.update(checked)
+            # the check's forward (grad mode on, so the training graphs) compiled the blocks: count it in first_s
+            r["first_s"] += checked.get("check_s", 0.0)
             r["mode"] = mode + ("" if flex is None else ", no flex")
             log(f"   ours done ({time.time() - _T0:.0f} s elapsed)")
             if profile:
@@ -358,11 +408,11 @@ def run_hf(args, device, margs, sd, batches, check):
     model = opt = None
     try:
         model, opt = build_hf(margs, sd, device)
-        check_loss = check(model) if check else None  # before any update: same weights as ours' step 0
+        checked = check(model)  # before any update: the weights of ours' step 0
+        free(device)
         r = run_side(lambda b: hf_step(model, opt, b, device), batches, args, device)
         log(f"   hf done ({time.time() - _T0:.0f} s elapsed)")
-        r["check_loss"] = check_loss if check else r["loss0"]
-        return r
+        return {"check_loss": r["loss0"], **r, **checked}  # check_loss: step 0's own, unless the check has one
     except Exception as e:
         log(f"   hf failed: {type(e).__name__}: {e}\n" + traceback.format_exc(limit=-4))
         return {"error": f"{type(e).__name__}: {e}"}
@@ -397,6 +447,10 @@ def main():
     if device.type != "cuda" and not args.smoke:
         log("no CUDA device: run with --smoke to test the script on CPU")
         return
+    global PEAK_FLOPS
+    PEAK_FLOPS = train.peak_flops(device) or PEAK_FLOPS  # H100 PCIe / NVL have lower peaks than SXM
+    log(f"MFU peak {PEAK_FLOPS / 1e12:.0f} TFLOP/s dense bf16; init std {common.INIT_STD}; checks (bf16): per-token "
+        f"CE rel RMS diff < {common.TOKEN_RTOL['bf16']:.0e}, step-0 loss rel diff < {common.LOSS_RTOL['bf16']:.0e}")
     if args.smoke:  # tiny everything: the point is running every code path
         args.budget, args.steps, args.warmup, args.n_batches, args.docs = 1024, 2, 2, 2, 200
     # Same rate for fp32 matmuls (HF keeps fp32 master weights under autocast; some ops stay fp32).
@@ -409,8 +463,8 @@ def main():
         margs_1b.vocab_size = 2048
     cases = args.cases.split(",")
     # Rough cost of each case in seconds on an H100 (compile included), to skip what cannot finish in time.
-    cost = {"packed4096": 100, "packed2048": 90, "fsdp4096": 60, "llama_cpu": 45, "qwen3_cpu": 45, "same4096": 80,
-            "generate": 90}  # bench/generate.py: eager, compiled (CUDA graphs) and HF
+    cost = {"packed4096": 130, "packed2048": 120, "fsdp4096": 60, "llama_cpu": 45, "qwen3_cpu": 45, "same4096": 80,
+            "generate": 90}  # packed: ours, HF padded, HF packed; generate: eager, compiled (CUDA graphs) and HF
     results = []
     for case in cases:
         if case not in cost:
@@ -457,26 +511,44 @@ def main():
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    failed = [f"{case}: {line}" for case, res in results for line in res.get("mismatch", [])]
+    if failed:
+        log("\nFAILED loss checks (the sides do not compute the same model on the same tokens; numbers not valid):\n  "
+            + "\n  ".join(failed))
+        sys.exit(1)
+
+
+SIDES = {"ours": "ours", "hf": "hf (padded)", "hf_packed": "hf packed"}
 
 
 def summarize(case, res):
-    for side in ("ours", "hf"):
+    for side in SIDES:
         r = res.get(side, {})
-        if r.get("skipped"):
+        if not r or r.get("skipped"):
             continue
         if "error" in r:
             log(f"   {side}: ERROR {r['error']}")
         else:
-            log(f"   {side}{' (' + r['mode'] + ')' if 'mode' in r else ''}: {r['sup'] / r['secs']:,.0f} trained tok/s, "
+            mode = f" ({r['mode']})" if "mode" in r else ""
+            log(f"   {SIDES[side]}{mode}: {r['sup'] / r['secs']:,.0f} trained tok/s, "
                 f"{r['real'] / r['secs']:,.0f} real tok/s, {r['slots'] / r['secs']:,.0f} slots/s, "
                 f"{r['secs'] / r['steps'] * 1e3:.0f} ms/step, first step{' (compile)' if side == 'ours' else ''} "
                 f"{r['first_s']:.1f} s, "
                 f"peak {r['peak_gb']:.1f} GB, loss step 0 {r['loss0']:.4f}")
-    o, h = res.get("ours", {}), res.get("hf", {})
-    if "loss0" in o and "check_loss" in h:
-        d = abs(o["loss0"] - h["check_loss"]) / abs(h["check_loss"])
-        log(f"   loss check (same weights, same supervised tokens): ours {o['loss0']:.4f} vs HF {h['check_loss']:.4f}, "
-            f"rel diff {d:.1e} {'OK' if d < 2e-2 else 'MISMATCH'} (bf16)")
+    o = res.get("ours", {})
+    res["mismatch"] = []
+    for side, what in (("hf", "vs HF (same weights, same supervised tokens)"),
+                       ("hf_packed", "vs HF packed (same packed batch: document isolation)")):
+        h = res.get(side, {})
+        checks = []
+        if "token_losses" in o and "token_losses" in h:
+            checks.append(common.token_check(what, o["token_losses"], h["token_losses"], "bf16"))
+        if "loss0" in o and "check_loss" in h:
+            checks.append(common.loss_check(what, o["loss0"], h["check_loss"], "bf16"))
+        for line, ok in checks:
+            log(f"   {line}")
+            if not ok:
+                res["mismatch"].append(line)
     for n in res.get("notes", []):
         log(f"   {n}")
 
@@ -484,13 +556,15 @@ def summarize(case, res):
 def table(results, device_name, final=True):
     import model as M
     rows = []
+    header = ["case", "ours tok/s", "HF tok/s", "ratio", "HF packed tok/s", "ratio", "ours MFU", "HF MFU",
+              "HF packed MFU", "ours peak GB", "HF peak GB", "HF packed peak GB"]
     for case, res in results:
         if res.get("skipped") or "error" in res:
-            rows.append([case, "skipped" if res.get("skipped") else "error"] + ["-"] * 6)
+            rows.append([case, "skipped" if res.get("skipped") else "error"] + ["-"] * (len(header) - 2))
             continue
         cells = {}
-        for side in ("ours", "hf"):
-            r = res[side]
+        for side in SIDES:
+            r = res.get(side, {"skipped": True})
             if r.get("skipped"):
                 cells[side] = ("-", "-", "-", None)
                 continue
@@ -498,14 +572,18 @@ def table(results, device_name, final=True):
                 cells[side] = ("error", "-", "-", None)
                 continue
             tps = r["sup"] / r["secs"]
-            mfu = M.flops_per_token(res["margs"], r["seq_len"]) * r["real"] / r["secs"] / PEAK_FLOPS
+            mfu = M.flops_per_token(res["margs"], r["span"]) * r["real"] / r["secs"] / PEAK_FLOPS
             cells[side] = (f"{tps:,.0f}", f"{mfu:.1%}", f"{r['peak_gb']:.1f}", tps)
-        ratio = f"{cells['ours'][3] / cells['hf'][3]:.2f}x" if cells["ours"][3] and cells["hf"][3] else "-"
-        rows.append([case, cells["ours"][0], cells["hf"][0], ratio, cells["ours"][1], cells["hf"][1],
-                     cells["ours"][2], cells["hf"][2]])
-    text = (f"\n== bench/gpu.py on {device_name}: trained (supervised) tokens/s, bf16, {time.time() - _T0:.0f} s total\n"
-            + common.fmt_table(["case", "ours tok/s", "HF tok/s", "ratio", "ours MFU", "HF MFU", "ours peak GB",
-                                "HF peak GB"], rows))
+        o = cells["ours"][3]
+        ratio = {s: f"{o / cells[s][3]:.2f}x" if o and cells[s][3] else "-" for s in ("hf", "hf_packed")}
+        rows.append([case + (" LOSS MISMATCH" if res.get("mismatch") else ""), cells["ours"][0], cells["hf"][0],
+                     ratio["hf"], cells["hf_packed"][0], ratio["hf_packed"]]
+                    + [cells[s][1] for s in SIDES] + [cells[s][2] for s in SIDES])
+    text = (f"\n== bench/gpu.py on {device_name}: trained (supervised) tokens/s, bf16, {time.time() - _T0:.0f} s "
+            f"total; "
+            f"HF = Trainer's padded batches, HF packed = our packed rows with position_ids (padding-free); MFU at the "
+            f"documents' attention span, head on every real token, peak {PEAK_FLOPS / 1e12:.0f} TFLOP/s\n"
+            + common.fmt_table(header, rows))
     if final:
         log(text)
     out = os.environ.get("OUT")
