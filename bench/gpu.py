@@ -254,7 +254,7 @@ def ours_packed_batches(docs, seq_len, budget, n_batches, device):
         idx = [i for row in rows for i in row]
         out.append(dict(tokens=b.tokens, labels=b.labels, positions=b.positions, doc_ids=b.doc_ids,
                         n_sup=b.num_label_tokens, n_real=b.num_tokens, n_slots=b.tokens.numel(), seq_len=seq_len,
-                        doc_idx=idx, doc_sq=int((docs.lengths[idx] ** 2).sum())))
+                        doc_idx=idx, doc_sq=b.doc_len_sq))
     return out
 
 
