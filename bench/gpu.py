@@ -16,6 +16,8 @@ Cases, in this order (each in try/except; a case that would not fit the remainin
         Document lengths: (prompt, response) pairs of 256 real GSM8K train examples under the Llama 3.2 tokenizer,
         embedded in bench/common.py (no data files needed).
   llama_cpu / qwen3_cpu    bench/train_step.py's shapes (vocab 128,256 / 151,936), the same 8 x 512 batch for both.
+  packed4096x2             packed4096 for ours only at twice --budget per step (the optimizer step and the per-step
+        overheads spread over twice the tokens, as grad_accum 2 would): how MFU depends on tokens per step.
   fsdp4096                 packed4096 for ours only, with FSDP2 on its one rank (MixedPrecisionPolicy bf16 over fp32):
         what each rank of a multi-GPU run does, beside train.py's one-GPU autocast path.
   same4096                 1B, the same 2 x 4096 batch for both (plain causal rows: kernels + loss head only).
@@ -301,16 +303,19 @@ def hf_check_on_batch(model, batch, device):
 
 
 # ------------------------------------------------------------------------------------------------ cases
-def case_packed(args, device, seq_len, state, mode=None, with_hf=True, profile=False):
+def case_packed(args, device, seq_len, state, mode=None, with_hf=True, profile=False, budget=None):
     import model as M
     margs = state["margs_1b"]
+    budget = budget or args.budget
     docs = SyntheticDocs(args.docs, margs.vocab_size)
-    n_hf = common.choose_hf_batch_size((docs.lengths + 1).tolist(), args.budget)
-    ours_b = ours_packed_batches(docs, seq_len, args.budget, args.n_batches, device)
-    hf_b = hf_padded_batches(docs, n_hf, args.n_batches, device)
-    res = {"margs": margs, "notes": [f"HF static batch {n_hf} examples (mean padded "
-                                     f"{np.mean([b['n_slots'] for b in hf_b]):.0f} slots); ours and HF packed "
-                                     f"{args.budget // seq_len} x {seq_len} packed rows"]}
+    ours_b = ours_packed_batches(docs, seq_len, budget, args.n_batches, device)
+    res = {"margs": margs, "notes": [f"ours{' and HF packed' if with_hf else ''}: {budget // seq_len} x {seq_len} "
+                                     "packed rows per step"]}
+    if with_hf:
+        n_hf = common.choose_hf_batch_size((docs.lengths + 1).tolist(), budget)
+        hf_b = hf_padded_batches(docs, n_hf, args.n_batches, device)
+        res["notes"].append(f"HF static batch {n_hf} examples (mean padded "
+                            f"{np.mean([b['n_slots'] for b in hf_b]):.0f} slots)")
     res["ours"] = run_ours(args, device, margs, state["sd_1b"], ours_b, state, mode, profile)
     if "error" not in res["ours"]:
         # MFU counts the head for every real token; the fused loss runs it on supervised tokens only, so the GPU
@@ -424,7 +429,7 @@ def run_hf(args, device, margs, sd, batches, check):
 # ------------------------------------------------------------------------------------------------ main
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--cases", default="packed4096,packed2048,fsdp4096,same4096,llama_cpu,qwen3_cpu,generate")
+    p.add_argument("--cases", default="packed4096,packed4096x2,packed2048,fsdp4096,same4096,llama_cpu,qwen3_cpu,generate")
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds from start; a case that would not fit is skipped (the table still prints)")
     p.add_argument("--budget", type=int, default=8192, help="token slots per step (packed cases), both sides")
@@ -463,7 +468,7 @@ def main():
         margs_1b.vocab_size = 2048
     cases = args.cases.split(",")
     # Rough cost of each case in seconds on an H100 (compile included), to skip what cannot finish in time.
-    cost = {"packed4096": 130, "packed2048": 120, "fsdp4096": 60, "llama_cpu": 45, "qwen3_cpu": 45, "same4096": 80,
+    cost = {"packed4096": 130, "packed4096x2": 50, "packed2048": 120, "fsdp4096": 60, "llama_cpu": 45, "qwen3_cpu": 45, "same4096": 80,
             "generate": 90}  # packed: ours, HF padded, HF packed; generate: eager, compiled (CUDA graphs) and HF
     results = []
     for case in cases:
@@ -486,6 +491,8 @@ def main():
             if case in ("packed4096", "fsdp4096"):
                 res = case_packed(args, device, 512 if args.smoke else 4096, state, mode=case[:4] if case == "fsdp4096"
                                   else None, with_hf=case == "packed4096", profile=case in args.profile.split(","))
+            elif case == "packed4096x2":
+                res = case_packed(args, device, 512 if args.smoke else 4096, state, with_hf=False, budget=2 * args.budget)
             elif case == "packed2048":
                 res = case_packed(args, device, 256 if args.smoke else 2048, state)
             elif case == "same4096":
