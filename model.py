@@ -81,10 +81,14 @@ class ModelArgs:
         if kind not in ("default", "llama3"):
             raise ValueError(f"config.json rope type {kind!r} is not supported (only default and llama3)")
         n_heads = cfg["num_attention_heads"]
+        # Absent fields: LlamaConfig derives them (kv heads = heads, head_dim = hidden / heads); Qwen3Config has
+        # fixed defaults (32 kv heads, head_dim 128). An explicit null means "= heads" in both.
+        qwen = mt == "qwen3"
+        n_kv = cfg.get("num_key_value_heads", 32 if qwen else None) or n_heads
+        head_dim = cfg.get("head_dim", 128 if qwen else None) or cfg["hidden_size"] // n_heads
         return cls(
-            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,  # HF's rule when head_dim is absent
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
+            head_dim=head_dim,
             hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
             rope_scaling=rope if kind == "llama3" else None, qk_norm=mt == "qwen3",
@@ -513,6 +517,16 @@ _HF_NAMES = {
 _OUR_NAMES = {v: k for k, v in _HF_NAMES.items()}
 
 
+# Older transformers versions saved RoPE's inv_freq buffer in checkpoints; it follows from config.json (HF skips it).
+_DERIVED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _tied_head_differs(where: str) -> ValueError:
+    return ValueError(f"{where}: lm_head.weight differs from model.embed_tokens.weight but config.json says "
+                      "tie_word_embeddings=true: set it to false to train both matrices (transformers then unties them "
+                      "too), or delete lm_head.weight from the checkpoint to tie the head to the embedding")
+
+
 def _rename(key: str, table: dict) -> str | None:
     m = re.search(r"(?<=layers\.)\d+(?=\.)", key)
     template = key[:m.start()] + "{}" + key[m.end():] if m else key
@@ -534,9 +548,11 @@ def hf_to_ours(hf_sd: dict, args: ModelArgs) -> dict:
     shapes, out = _expected_shapes(args), {}
     for key, t in hf_sd.items():
         ours = _rename(key, _OUR_NAMES)
+        if _DERIVED.search(key):
+            continue
         if ours == "output.weight" and args.tie_embeddings:
             if not torch.equal(t, hf_sd.get("model.embed_tokens.weight", t)):
-                raise ValueError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings=True")
+                raise _tied_head_differs("the HF state dict")
             continue
         _check(key, ours, t, shapes, "the HF state dict")
         out[ours] = t
@@ -617,6 +633,8 @@ def load_hf(path, dtype=torch.float32, device="cpu") -> Transformer:
             raise FileNotFoundError(f"{file} (listed in {index}) not found")
         for key, t in _read_safetensors(file):
             ours = _rename(key, _OUR_NAMES)
+            if _DERIVED.search(key):
+                continue
             if ours == "output.weight" and args.tie_embeddings:
                 head = (t, file)  # checked against the embedding once everything is loaded
                 continue
@@ -628,8 +646,7 @@ def load_hf(path, dtype=torch.float32, device="cpu") -> Transformer:
             filled.add(ours)
     _check_complete(shapes, filled, path)
     if head is not None and not torch.equal(head[0].to(dtype), model.tok_embeddings.weight.cpu()):
-        raise ValueError(f"{head[1]}: lm_head.weight differs from the embedding but config.json says "
-                         f"tie_word_embeddings=true")
+        raise _tied_head_differs(head[1])
     return model
 
 
@@ -674,7 +691,9 @@ def save_hf(model_or_state_dict, args: ModelArgs, path, generation_config: dict 
     cfg = args.to_hf_config()
     dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
     cfg.update(torch_dtype=dtype, dtype=dtype)  # transformers < 5 reads torch_dtype, >= 5 dtype
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    # not pad_token_id: transformers makes it the embedding's padding_idx (no gradient for that row when training
+    # further); the published Llama 3 / Qwen3 configs have none. generation_config.json keeps it for generate().
+    for k in ("bos_token_id", "eos_token_id"):
         if generation_config and k in generation_config:
             cfg[k] = generation_config[k]
     with open(os.path.join(path, "config.json"), "w") as f:

@@ -442,10 +442,15 @@ def load_checkpoint(path: Path, model, optimizer, train_loader) -> dict:
     return trainer_state
 
 
-def generation_config(tok) -> dict:
-    """eos_token_id lists every id that ends generation (eos AND the chat end-of-turn: PITFALLS 7)."""
+def generation_config(tok, source_dir: Path | None = None) -> dict:
+    """eos_token_id lists every id that ends generation (eos AND the chat end-of-turn: PITFALLS 7). The pretrained
+    model's generation_config.json is kept otherwise (its sampling defaults: temperature / top_p of an Instruct
+    model, which vLLM and transformers apply), as transformers' save_pretrained of a fine-tuned model keeps it."""
+    src = source_dir / "generation_config.json" if source_dir else None
+    gen = json.loads(src.read_text()) if src and src.is_file() else {"do_sample": False}
+    gen.pop("transformers_version", None)
     eos = list(dict.fromkeys(i for i in [tok.eos_id, tok.eot_id, *tok.stop_ids] if i is not None))
-    gen = {"eos_token_id": eos, "do_sample": False}
+    gen["eos_token_id"] = eos
     if tok.bos_id is not None:
         gen["bos_token_id"] = tok.bos_id
     if tok.pad_id is not None:
@@ -453,12 +458,13 @@ def generation_config(tok) -> dict:
     return gen
 
 
-def export_hf(model, args, tok, out_dir: Path, dtype: torch.dtype = torch.float32):
-    """Gather the full weights to rank 0's CPU (others get nothing) and write an HF directory in `dtype`."""
+def export_hf(model, args, tok, out_dir: Path, dtype: torch.dtype = torch.float32, source_dir: Path | None = None):
+    """Gather the full weights to rank 0's CPU (others get nothing) and write an HF directory in `dtype`.
+    source_dir: the pretrained model's directory (its generation_config.json is carried over)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
         sd = {k: v.to(dtype) for k, v in sd.items()}  # a tied head stays one tensor: ours_to_hf writes it once
-        model_lib.save_hf(sd, args, out_dir, generation_config=generation_config(tok))
+        model_lib.save_hf(sd, args, out_dir, generation_config=generation_config(tok, source_dir))
         tok.save(out_dir)
         print0(f"exported HF model to {out_dir}")
     barrier()
@@ -493,7 +499,8 @@ def export_checkpoint(ckpt_dir: str, out_dir: str):
     tok_cfg, model_cfg = state["config"]["tokenizer"], state["config"]["model"]
     tok = load_tokenizer(tok_cfg["path"] or model_cfg["path"], tok_cfg["chat_format"])
     dtype = export_dtype(state["config"]["checkpoint"].get("export_dtype", "auto"), state.get("dtype", "float32"))
-    export_hf(model, model.args, tok, Path(out_dir), dtype)
+    export_hf(model, model.args, tok, Path(out_dir), dtype,
+              resolve_path(model_cfg["path"], "model.path") if model_cfg["path"] else None)
 
 
 def load_eval_examples(cfg: Config) -> list[dict]:
@@ -919,7 +926,7 @@ def train(cfg: Config) -> dict:
 
     # --- final export
     if cfg.checkpoint.export_hf and not result.get("stopped"):
-        export_hf(model, args, tok, out_dir / "hf", export_dtype(cfg.checkpoint.export_dtype, str(dtype)))
+        export_hf(model, args, tok, out_dir / "hf", export_dtype(cfg.checkpoint.export_dtype, str(dtype)), model_dir)
     result["step"] = step
     if metrics_file:
         metrics_file.close()

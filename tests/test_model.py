@@ -143,6 +143,20 @@ def test_from_hf_config_smollm_style_and_v5_rope_parameters():
     assert ModelArgs.from_hf_config(dict(cfg, rope_parameters=rope)) == get_preset("tiny_llama")
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("absent", [("head_dim",), ("num_key_value_heads",), ("head_dim", "num_key_value_heads")])
+def test_from_hf_config_absent_fields_default_as_transformers(kind, absent):
+    # LlamaConfig derives absent head_dim / kv heads from the heads; Qwen3Config has fixed defaults (128, 32)
+    transformers = pytest.importorskip("transformers")
+    cfg = get_preset("tiny_qwen3" if kind == "qwen3" else "tiny_llama").to_hf_config()
+    cfg.update(hidden_size=256, num_attention_heads=64)  # a multiple of Qwen3Config's 32 kv heads, not equal
+    for k in absent:
+        del cfg[k]
+    hf = (transformers.Qwen3Config if kind == "qwen3" else transformers.LlamaConfig)(**cfg)
+    a = ModelArgs.from_hf_config(cfg)
+    assert (a.head_dim, a.n_kv_heads) == (hf.head_dim, hf.num_key_value_heads)
+
+
 # ------------------------------------------------------------------------------------------- HF parity
 
 
@@ -342,7 +356,18 @@ def test_error_tied_head_differs(tmp_path):
     _rewrite_safetensors(tmp_path, lambda sd: sd.update({"lm_head.weight": torch.zeros(V, 64)}))
     with pytest.raises(ValueError) as e:
         load_hf(tmp_path)
-    one_line_error(e, "lm_head.weight", "tie_word_embeddings")
+    one_line_error(e, "lm_head.weight", "tie_word_embeddings=true", "set it to false")
+
+
+def test_load_skips_rope_buffers_and_an_equal_tied_head(tmp_path):
+    # older transformers saved rotary_emb.inv_freq; tied checkpoints converted by other tools store a copy of the head
+    m = _saved(tmp_path, "tiny_qwen3")
+    _rewrite_safetensors(tmp_path, lambda sd: sd.update({
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(m.args.head_dim // 2),
+        "lm_head.weight": sd["model.embed_tokens.weight"].clone()}))
+    back = load_hf(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), m.state_dict().values()))
+    assert back.output.weight is back.tok_embeddings.weight
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.001])  # truncated data / truncated header

@@ -335,6 +335,27 @@ def test_untrained_special_tokens_the_data_uses_are_fixed_at_load(tiny_data, tmp
                                               train.load_tokenizer("byte", ""), "train").data, [257, 259]) == [257]
 
 
+def test_hf_export_keeps_the_pretrained_generation_config(tiny_data, tmp_path):
+    """An Instruct model's sampling defaults (generation_config.json) survive fine-tuning, as with transformers'
+    save_pretrained; eos ids are the tokenizer's stop ids; config.json has no pad_token_id (HF's padding_idx)."""
+    import model as model_lib
+    m = model_lib.Transformer(model_lib.get_preset("tiny_llama"))
+    m.init_weights()
+    model_lib.save_hf(m, m.args, tmp_path / "base")
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": 5, "transformers_version": "4.45.0"}))
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", model={"name": "", "path": str(tmp_path / "base")},
+                   regime={"num_steps": 1}, dataset={"valid_split": ""}, checkpoint={"export_hf": True})
+    train_in_process(cfg, tmp_path)
+    train.main(["--export", str(tmp_path / "out"), str(tmp_path / "hf2")])
+    for hf_dir in (tmp_path / "out" / "hf", tmp_path / "hf2"):
+        gen = json.loads((hf_dir / "generation_config.json").read_text())
+        assert gen == {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [257, 260],
+                       "bos_token_id": 256, "pad_token_id": 258}, gen
+        config = json.loads((hf_dir / "config.json").read_text())
+        assert config["eos_token_id"] == [257, 260] and "pad_token_id" not in config
+
+
 def test_hf_export_dtype(tiny_data, tmp_path):
     """checkpoint.export_dtype: auto = the training dtype (float32 on one CPU process, bfloat16 when training in
     bf16); the files, config.json and `--export` of the checkpoint agree, and transformers loads them."""
