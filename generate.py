@@ -1,7 +1,7 @@
 """Generation with a preallocated KV cache, and GSM8K evaluation.
 
     python generate.py MODEL --prompt "Once upon a time"                      # greedy (temperature 0)
-    python generate.py MODEL --chat --system "Be brief." --prompt "Hi!" --temperature 0.7 --top-p 0.9 --seed 0
+    python generate.py MODEL --chat --system "Be brief." --prompt "Hi!" --temperature 0.7 --top-k 20 --top-p 0.9 --seed 0
     python generate.py MODEL --gsm8k test.jsonl --limit 200 --batch-size 16 --output pred.jsonl
     python generate.py MODEL --gsm8k test.jsonl --batch-size 16 --compile   # compiled decode step (module doc)
 
@@ -62,21 +62,32 @@ def compute_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def sample(logits, temperature, top_p, generator, vocab_size=None):
-    """logits (B, V) -> next ids (B,). Greedy at temperature 0; otherwise nucleus sampling (Holtzman et al. 2019):
-    keep the smallest set of most likely tokens whose probability reaches top_p. Ids >= vocab_size (a model's
-    embedding table padded past the tokenizer's vocabulary) are never chosen: the tokenizer could not decode them."""
+def sample(logits, temperature, top_p, generator, vocab_size=None, top_k=0):
+    """logits (B, V) -> next ids (B,). Greedy at temperature 0; otherwise sampling from sampling_probs(). Ids >=
+    vocab_size (a model's embedding table padded past the tokenizer's vocabulary) are never chosen: the tokenizer
+    could not decode them."""
     if vocab_size is not None:
         logits = logits[:, :vocab_size]
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p, top_k), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
+    """logits (B, V) -> the (unnormalized) distribution sampled from, in transformers' order: temperature, then the
+    top_k most likely tokens (0 = all), then of those the nucleus (Holtzman et al. 2019): the smallest set of most
+    likely tokens whose renormalized probability reaches top_p."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k <= 0 and top_p >= 1.0:
+        return probs
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    if top_k > 0:
+        sorted_probs[:, top_k:] = 0.0
     if top_p < 1.0:
-        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        kept = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
         # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
-        sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        sorted_probs[kept.cumsum(dim=-1) - kept >= top_p] = 0.0
+    return torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
 
 
 CACHE_MULTIPLE = 256  # compile=True: KV cache lengths round up to this, so prompts of other lengths reuse the graph
@@ -115,8 +126,9 @@ def _decode_step(model, tokens, positions, cache):
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, temperature=0.0, top_p=1.0,
-             seed=None, vocab_size=None, sync_ranks=False, compile=False) -> list[list[int]]:
+             seed=None, vocab_size=None, sync_ranks=False, compile=False, top_k=0) -> list[list[int]]:
     """Complete each prompt (token ids); returns the completions only, without the stop token that ended them.
+    temperature 0 is greedy; otherwise temperature, top_k, top_p sample as sampling_probs() says.
     A sequence also ends after max_new_tokens or at the model's context (max_seq_len). vocab_size: see sample().
     sync_ranks: the model is sharded (FSDP), so all ranks of the default process group must call forward equally
     often: the loop continues until every rank's sequences are done (one all-reduce per step).
@@ -125,8 +137,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, tem
     stays allocated for the next call."""
     args = model.args
     device = next(model.parameters()).device
-    if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature} top_p={top_p}")
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got temperature={temperature} "
+                         f"top_p={top_p} top_k={top_k}")
     for i, p in enumerate(prompts):
         if not 0 < len(p) < args.max_seq_len:
             raise ValueError(f"prompt {i} has {len(p)} tokens; it must have 1 to {args.max_seq_len - 1} "
@@ -169,7 +182,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, tem
     pos = [len(p) for p in prompts]  # where each row's next input token goes (cache slot = position); on the host
     with recompile_limit:
         for step in range(max_new_tokens):
-            next_ids = sample(logits, temperature, top_p, generator, vocab_size)
+            next_ids = sample(logits, temperature, top_p, generator, vocab_size, top_k)
             keep = []  # batch rows that go on
             for j, (row, t) in enumerate(zip(rows, next_ids.tolist())):  # one host sync per step, like HF's stopping
                 if row is None or t in stop_ids:
@@ -345,12 +358,15 @@ def _run_tokenizer(model_dir: Path) -> tuple[str, str | None] | None:
     """(tokenizer path, chat_format) that train.py used for this checkpoint or export, if known."""
     if (model_dir / "trainer_state.pt").is_file():
         cfg = torch.load(model_dir / "trainer_state.pt", weights_only=False)["config"]
-    elif (model_dir.parent / "config.yaml").is_file():  # <run>/hf: the run's resolved config sits next to it
+    elif model_dir.name == "hf" and (model_dir.parent / "config.yaml").is_file():  # <run>/hf: the run's config
         import yaml
         cfg = yaml.safe_load(open(model_dir.parent / "config.yaml"))
     else:
         return None
-    return cfg["tokenizer"]["path"] or cfg["model"]["path"], cfg["tokenizer"]["chat_format"] or None
+    tok, model = (cfg.get(k) if isinstance(cfg, dict) else None for k in ("tokenizer", "model"))
+    if not (isinstance(tok, dict) and isinstance(model, dict)):
+        return None  # a YAML file beside the model that is not a train.py run config
+    return tok.get("path") or model.get("path"), tok.get("chat_format") or None
 
 
 def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
@@ -389,7 +405,8 @@ def main(argv=None):
     parser.add_argument("--system", help="system message (with --chat)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="then from the nucleus of probability P")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--gsm8k", metavar="FILE", help="GSM8K-format JSONL to evaluate (greedy)")
     parser.add_argument("--limit", type=int, default=None, help="first N GSM8K examples")
@@ -404,8 +421,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.gsm8k is None):
         parser.error("give exactly one of --prompt TEXT or --gsm8k FILE")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        parser.error("--batch-size and --max-new-tokens must be >= 1")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch-size, --max-new-tokens and --limit must be >= 1")
+    # options of the other mode would be ignored: an error rather than a run that is not what was asked
+    other = ["--temperature", "--top-k", "--top-p", "--seed"] if args.gsm8k else ["--limit", "--output", "--batch-size"]
+    given = [o for o in other if getattr(args, o[2:].replace("-", "_")) != parser.get_default(o[2:].replace("-", "_"))]
+    if given:
+        parser.error(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to "
+                     f"{'--gsm8k (greedy evaluation)' if args.gsm8k else '--prompt'}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
@@ -420,7 +443,8 @@ def main(argv=None):
         else:
             prompt = build_prompt(tokenizer, args.prompt, args.chat, args.system)
             [completion] = generate(model, [prompt], args.max_new_tokens, tokenizer.stop_ids, args.temperature,
-                                    args.top_p, args.seed, vocab_size=tokenizer.vocab_size, compile=args.compile)
+                                    args.top_p, args.seed, vocab_size=tokenizer.vocab_size, compile=args.compile,
+                                    top_k=args.top_k)
             print(tokenizer.decode(completion))
     except (FileNotFoundError, ValueError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)

@@ -150,7 +150,7 @@ PRESETS: dict[str, ModelArgs] = {
     "qwen3_32b": _qwen3(5120, 64, 64, 25600, tie=False),
     # Tiny shapes for tests: GQA, llama3 rope scaling, untied / Qwen3 with head_dim != dim // n_heads, tied.
     "tiny_llama": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=512,
-                            rope_scaling=_llama3_rope(8.0), max_seq_len=8192),
+                            rope_scaling=_llama3_rope(8.0), max_seq_len=65536),  # > the rope original 8192, as HF wants
     "tiny_qwen3": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=128, vocab_size=512,
                             norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True, tie_embeddings=True, max_seq_len=4096,
                             model_type="qwen3"),

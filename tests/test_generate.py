@@ -148,6 +148,37 @@ def test_sample_top_p_keeps_the_nucleus():
     assert gen.sample(padded, 0.0, 1.0, None, vocab_size=2).item() == 1
 
 
+def test_sampling_probs_match_transformers_warpers():
+    """temperature -> top_k -> top_p, as transformers' TemperatureLogitsWarper, TopKLogitsWarper and
+    TopPLogitsWarper filter (generate(do_sample=True)): the same tokens kept, the same renormalized probabilities."""
+    generation = pytest.importorskip("transformers.generation.logits_process")
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for case in range(200):
+        V = int(torch.randint(2, 3000, (1,), generator=g))
+        logits = torch.randn(3, V, generator=g) * float(torch.rand(1, generator=g) * 6 + 0.1)
+        temperature = float(torch.rand(1, generator=g)) * 1.5 + 0.2
+        top_k = [0, 1, 5, 20, 50][case % 5]
+        top_p = [1.0, 0.9, 0.5, 0.95, 0.1][case // 5 % 5]
+        scores = generation.TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            scores = generation.TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1:
+            scores = generation.TopPLogitsWarper(top_p)(None, scores)
+        want = torch.softmax(scores, dim=-1)
+        got = gen.sampling_probs(logits, temperature, top_p, top_k)
+        got = got / got.sum(dim=-1, keepdim=True)
+        # a cumulative probability within rounding of top_p may cut one token either way: skip those rows
+        p = torch.softmax(logits / temperature, -1).sort(-1, descending=True).values
+        if top_k:
+            p[:, top_k:] = 0
+        near = ((p / p.sum(-1, keepdim=True)).cumsum(-1) - top_p).abs().min(-1).values < 1e-5
+        ok = ~near if top_p < 1 else torch.ones(3, dtype=torch.bool)
+        torch.testing.assert_close(got[ok], want[ok], atol=1e-6, rtol=1e-4)
+        checked += int(ok.sum())
+    assert checked > 590
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # compiled decoding (torch.compile on CPU: inductor's C++ backend; a few seconds per graph)
 
@@ -502,12 +533,19 @@ def test_cli(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         gen.main([str(model_dir)])  # neither --prompt nor --gsm8k
-    for bad, msg in [(["--batch-size", "0"], "must be >= 1"), (["--device", "cuda"], "sees no CUDA GPU")]:
-        if bad[0] == "--device" and torch.cuda.is_available():
+    gsm = ["--gsm8k", str(data_file)]
+    for bad, msg in [(["--prompt", "x", "--batch-size", "0"], "must be >= 1"),
+                     (["--prompt", "x", "--device", "cuda"], "sees no CUDA GPU"),
+                     ([*gsm, "--limit", "-1"], "must be >= 1"),
+                     ([*gsm, "--temperature", "0.7", "--seed", "3"], "--temperature, --seed do not apply to --gsm8k"),
+                     (["--prompt", "x", "--output", "p.jsonl"], "--output does not apply to --prompt")]:
+        if "--device" in bad and torch.cuda.is_available():
             continue
         with pytest.raises(SystemExit):
-            gen.main([str(model_dir), "--prompt", "x", *bad])
+            gen.main([str(model_dir), *bad])
         assert msg in capsys.readouterr().err
+    assert gen.main([str(model_dir), "--prompt", "x", "--temperature", "1", "--top-k", "-1"]) == 1
+    assert "top_k >= 0" in capsys.readouterr().err
 
     # --compile reaches generate (test_compiled_decode_equals_eager_and_compiles_once tests what it does)
     seen = []
@@ -544,6 +582,13 @@ def test_load_training_outputs(tmp_path):
     assert gen.generate(loaded, [prompt], 8, stop_ids=[]) == expected
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         gen.resolve_model_dir(tmp_path / "run" / "checkpoints" / "step_00000003.tmp")
+    # a YAML beside an HF directory that is not a train.py export (or not a run config) is not read as one
+    for sub, text in [("other/model", yaml.safe_dump(run_cfg)), ("notes/hf", "- just\n- a list\n"),
+                      ("misc/hf", "foo: 1\n")]:
+        model_lib.save_hf(model, model.args, tmp_path / sub)
+        (tmp_path / sub).parent.joinpath("config.yaml").write_text(text)
+        with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
+            gen.load_model(tmp_path / sub)
 
 
 def test_cli_subprocess_missing_model(tmp_path):
