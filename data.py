@@ -479,9 +479,21 @@ def ids_present(data, ids: list[int], chunk: int = 1 << 24) -> list[int]:
     return sorted(found)
 
 
-def _dist_barrier():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def _barrier_sharing_errors(error: Exception | None):
+    """A barrier that also tells every rank whether a builder failed: the builder raises its error, the others the
+    same message (instead of waiting, then dying on a closed connection whose traceback buries the real error)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = next((i, e) for i, e in enumerate(errors) if e is not None) if any(errors) else None
+    if failed:
+        raise ValueError(f"rank {failed[0]} could not build the dataset: {failed[1]}")
 
 
 def _is_builder(rank):
@@ -496,13 +508,16 @@ def load_data(cfg: DatasetConfig, tokenizer, split: str, rank: int = 0, what: st
               missing_ok: bool = False) -> TokenizedData | None:
     """The split's tokenized cache: built (or downloaded, for hg://) by the builder first, opened by all.
     missing_ok: None when cfg.path has no such split (a source of dataset.sources without a validation split)."""
-    builder = _is_builder(rank)
+    builder, error = _is_builder(rank), None
     if builder:
-        files = resolve_files(cfg.path, split, what, missing_ok, cfg.train_split)
-        out_dir = cache_path(files, cfg, tokenizer, split) if files else None
-        if out_dir and not os.path.isdir(out_dir):
-            build_cache(files, cfg, tokenizer, out_dir)
-    _dist_barrier()
+        try:
+            files = resolve_files(cfg.path, split, what, missing_ok, cfg.train_split)
+            out_dir = cache_path(files, cfg, tokenizer, split) if files else None
+            if out_dir and not os.path.isdir(out_dir):
+                build_cache(files, cfg, tokenizer, out_dir)
+        except Exception as e:
+            error = e
+    _barrier_sharing_errors(error)
     if not builder:
         files = resolve_files(cfg.path, split, what, missing_ok, cfg.train_split)
         out_dir = cache_path(files, cfg, tokenizer, split) if files else None
@@ -897,7 +912,8 @@ class Loader:
         self._it = None
 
     def __del__(self):
-        self._stop.set()
+        if hasattr(self, "_stop"):  # not when __init__ raised before setting it
+            self._stop.set()
 
 
 def check_config(cfg: DatasetConfig) -> None:
@@ -908,8 +924,12 @@ def check_config(cfg: DatasetConfig) -> None:
             raise ValueError(f"dataset.{name}={getattr(cfg, name)!r}: expected one of {', '.join(ENCODE_MODES)}")
     if cfg.train_on not in TRAIN_ON:
         raise ValueError(f"dataset.train_on={cfg.train_on!r}: expected one of {', '.join(TRAIN_ON)}")
-    if cfg.max_seq_len < 1 or cfg.min_seq_len > cfg.max_seq_len:
-        raise ValueError(f"dataset: need 1 <= min_seq_len <= max_seq_len, got {cfg.min_seq_len}, {cfg.max_seq_len}")
+    if cfg.max_seq_len < 1 or not 0 <= cfg.min_seq_len <= cfg.max_seq_len:
+        raise ValueError(f"dataset: need 0 <= min_seq_len <= max_seq_len and max_seq_len >= 1, got {cfg.min_seq_len}, "
+                         f"{cfg.max_seq_len}")
+    for name in ("batch_size", "max_num_tokens", "num_prefetch"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"dataset.{name} must be >= 0 (0 = off), got {getattr(cfg, name)}")
     if cfg.batch_size and cfg.max_num_tokens:
         raise ValueError("dataset: set batch_size or max_num_tokens, not both")
     if not cfg.packing and not (cfg.batch_size or cfg.max_num_tokens):
@@ -928,9 +948,13 @@ def build_loader(cfg: DatasetConfig, tokenizer, split: str, rank=0, world_size=1
         demo = dict(n_train=cfg.demo_n_train, n_valid=cfg.demo_n_valid, max_value=cfg.demo_max_value)
         marker = os.path.join(cfg.path, "demo.json")  # our own demo data is regenerated when its options change
         stale = os.path.isfile(marker) and _read_json(marker) != dict(demo, format=DEMO_FORMAT)
+        error = None
         if _is_builder(rank) and (not _has_data(cfg.path) or stale):
-            make_demo_data(cfg.path, seed=0, **demo)
-        _dist_barrier()
+            try:
+                make_demo_data(cfg.path, seed=0, **demo)
+            except Exception as e:
+                error = e
+        _barrier_sharing_errors(error)
     data = load_mixture(cfg, tokenizer, split, rank, seed) if cfg.sources else load_data(cfg, tokenizer, split, rank)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # pads are never labels
     loader = Loader(data, cfg, rank, world_size, seed, device, infinite, pad_id)

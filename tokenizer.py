@@ -96,6 +96,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
+_MARKER = "\x00assistant-content\x00"  # stands for the content of a conversation's first (assistant) turn
+
+
 class Tokenizer:
     """One API over three backends: a tiktoken Encoding, a SentencePiece model, or plain UTF-8 bytes."""
 
@@ -350,7 +353,8 @@ class Tokenizer:
                 if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
                     segs += [(end, -1), ("\n", -1)]
         if add_generation_prompt:
-            segs += [(start, -1), ("assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n"), -1)]
+            # the template's `enable_thinking is false`: only False itself (not None, 0 or "") adds the empty block
+            segs += [(start, -1), ("assistant\n" + ("<think>\n\n</think>\n\n" if enable_thinking is False else ""), -1)]
         return segs
 
     def _chatml(self, messages, add_generation_prompt):
@@ -401,7 +405,14 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render_jinja(messages[:i], True, **kwargs) if i else ""
+            if i:  # what precedes the turn: the conversation so far with the generation prompt
+                before = self.render_jinja(messages[:i], True, **kwargs)
+            else:  # the conversation opens with it: the template's text up to its content (BOS, default system, header)
+                probe = self.render_jinja([{**m, "content": _MARKER}], False, **kwargs)
+                if _MARKER not in probe:
+                    raise ValueError("chat template: cannot find where messages[0] (an assistant turn) starts, so the "
+                                     "assistant mask cannot be found; use a built-in chat_format")
+                before = probe[:probe.index(_MARKER)]
             upto = self.render_jinja(messages[: i + 1], False, **kwargs)
             if not (upto.startswith(before) and full.startswith(upto)):
                 raise ValueError(f"chat template is not prefix-stable at messages[{i}] (it rewrites earlier turns), so "

@@ -187,6 +187,15 @@ def _merge(obj, d: dict, where: str, prefix: str = ""):
             setattr(obj, k, _coerce(prefix + k, hints[k], v))
 
 
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:  # a one-line error with the file and line, not a parser traceback
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None and where[:8] != "override" else ""
+        raise ValueError(f"{where}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
 def load_config(argv: list[str]) -> "Config":
     """argv: ["CONFIG.yaml" | "--config-file", "CONFIG.yaml", "section.key=value" | "--section.key=value", ...]."""
     argv, path = list(argv), None
@@ -202,13 +211,13 @@ def load_config(argv: list[str]) -> "Config":
     if path is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        _merge(cfg, yaml.safe_load(Path(path).read_text()) or {}, path)
+        _merge(cfg, _yaml(Path(path).read_text(), path) or {}, path)
     for arg in argv:
         key, eq, val = arg.removeprefix("--").partition("=")
         if not eq or not key:
             raise ValueError(f"bad override {arg!r}: expected section.key=value")
         *parents, leaf = key.split(".")
-        d = {leaf: yaml.safe_load(val)}
+        d = {leaf: _yaml(val, f"override {arg!r}")}
         for p in reversed(parents):
             d = {p: d}
         _merge(cfg, d, f"override {arg!r}")
@@ -264,7 +273,9 @@ def validate(cfg: Config):
           f"trainer.activation_checkpointing must be off|full|selective, got {t.activation_checkpointing!r}")
     check(t.dp_replicate >= 1, f"trainer.dp_replicate must be >= 1, got {t.dp_replicate}")
     o, s = cfg.optimizer, cfg.lr_scheduler
-    check(o.lr > 0 and o.eps > 0 and o.weight_decay >= 0, "optimizer.lr and eps must be > 0, weight_decay >= 0")
+    check(0 < o.lr < math.inf and 0 < o.eps < math.inf and 0 <= o.weight_decay < math.inf,
+          f"optimizer: need finite lr > 0, eps > 0 and weight_decay >= 0, got {o.lr}, {o.eps}, {o.weight_decay}")
+    check(t.seed >= 0 and t.num_threads >= 0, f"trainer.seed and num_threads must be >= 0, got {t.seed}, {t.num_threads}")
     check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optimizer.betas must be [b1, b2] in [0, 1), got {o.betas}")
     check(s.name in ("cosine", "linear", "wsd", "constant"),
           f"lr_scheduler.name must be cosine|linear|wsd|constant, got {s.name!r}")
@@ -379,7 +390,8 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """Checkpoints that finished writing (a killed writer leaves only a *.tmp directory), oldest first."""
     if not ckpt_root.is_dir():
         return []
-    done = [p for p in ckpt_root.glob(CKPT_PREFIX + "*") if not p.name.endswith(".tmp") and (p / "trainer_state.pt").is_file()]
+    done = [p for p in ckpt_root.glob(CKPT_PREFIX + "*")  # not step_N.tmp, nor a user's copy like step_N.bak
+            if re.fullmatch(CKPT_PREFIX + r"\d+", p.name) and (p / "trainer_state.pt").is_file()]
     return sorted(done, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX)))
 
 
@@ -398,8 +410,9 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_loader, 
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = ckpt_root / f"{CKPT_PREFIX}{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if rank == 0:  # this write's directory, and any a killed earlier write left (a checkpoint's worth of disk each)
+        for stale in ckpt_root.glob(f"{CKPT_PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -425,12 +438,17 @@ def load_checkpoint(path: Path, model, optimizer, train_loader) -> dict:
     """Restore model, optimizer, loader and RNG; DCP reshards, so the world size may differ from the writer's.
     Returns the trainer state: step, loader, model_args, config (as resolved by the run that wrote it), dtype."""
     rank = dist.get_rank() if dist.is_initialized() else 0
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file (loader state, config)
+    theirs, ours = trainer_state["model_args"], asdict(model.args)
+    changed = [f"{k} {theirs[k]} -> {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+    if changed:  # DCP would fail on the first tensor of another shape, in a long traceback, or load equal shapes
+        raise ValueError(f"{path} holds another model ({', '.join(changed)}): resume it with the model it was trained "
+                         "with, or start a fresh run in another checkpoint.dir")
     model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes empty AdamW state so it has a layout
     state = {"model": model_sd, "optim": optim_sd}
     with quiet_single_process_dcp():
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file (loader state, config)
     train_loader.load_state_dict(trainer_state["loader"])
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():  # absent when resuming at a larger world size: the seed-derived state stays
@@ -542,6 +560,29 @@ def peak_flops(device: torch.device | str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
 
 
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Drop metrics.jsonl records after last_step (and unreadable lines: a write cut by a crash), so that the steps
+    a resumed run trains again after its checkpoint (or a fresh run in the same dir: last_step -1) are logged once.
+    Returns how many records were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    def keep(line):
+        try:
+            return json.loads(line)["step"] <= last_step
+        except (ValueError, KeyError, TypeError):
+            return False
+    kept = [line for line in lines if keep(line)]
+    if len(kept) < len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def json_safe(record: dict) -> dict:
+    """NaN / inf (a skipped non-finite step) as null: json.dumps would write NaN, which strict JSON parsers reject."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
 def reset_peak_memory(device: torch.device):
     if device.type == "cuda":  # the CPU figure, the process's peak RSS, cannot be reset
         torch.cuda.reset_peak_memory_stats(device)
@@ -615,6 +656,9 @@ def train(cfg: Config) -> dict:
     # rank has nothing to shard: it trains the plain module under bf16 autocast, as torchtitan does (measured on an
     # H200, Llama 3.2 1B shape: 46.7% MFU with autocast vs 42.9% with 1-rank FSDP2; on CPU FSDP's hooks cost 3x).
     use_fsdp = world > 1
+    if not use_fsdp and cfg.trainer.dp_replicate > 1:
+        raise ValueError(f"trainer.dp_replicate={cfg.trainer.dp_replicate} replicates across processes, but this run is "
+                         "one process: launch it with torchrun (e.g. --nnodes=N --nproc_per_node=G)")
     if "RANK" in os.environ and not dist.is_initialized():
         # NCCL's default 10 minutes is shorter than what rank 0 may do alone while the others wait in a collective
         # (download a model, build the token cache, export 70B to safetensors); past the timeout NCCL kills the job.
@@ -644,6 +688,18 @@ def train(cfg: Config) -> dict:
         print(f"# resolved config (saved to {out_dir / 'config.yaml'})\n{text}", flush=True)
         (out_dir / "config.yaml").write_text(text)
     random.seed(cfg.trainer.seed)
+    SummaryWriter = None  # checked here, not after minutes of tokenizing and loading
+    if cfg.trainer.tensorboard and is_master:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    # C: settings that would silently do nothing
+    if cfg.regime.validate_every_n_steps and not cfg.dataset.valid_split:
+        print0(f"note: regime.validate_every_n_steps={cfg.regime.validate_every_n_steps} does nothing without "
+               "dataset.valid_split")
+    if cfg.evaluation.every_n_steps and not cfg.evaluation.split:
+        print0(f"note: evaluation.every_n_steps={cfg.evaluation.every_n_steps} does nothing without evaluation.split")
 
     # --- tokenizer and data
     tok = load_tokenizer(cfg.tokenizer.path or cfg.model.path, cfg.tokenizer.chat_format)
@@ -678,6 +734,9 @@ def train(cfg: Config) -> dict:
     # What must fit the embedding table is every id the model will see, not the tokenizer's whole list: Llama 3.2's
     # tokenizer files add <|image|> = 128256 to a 128,256-row model, and neither text nor chat rendering emits it.
     max_id = max([train_loader.pad_id] + [ld.data.meta["max_id"] for ld in (train_loader, val_loader) if ld])
+    if cfg.dataset.max_seq_len > args.max_seq_len:
+        raise ValueError(f"dataset.max_seq_len={cfg.dataset.max_seq_len} is longer than the model's context "
+                         f"(max_seq_len={args.max_seq_len}, config.json max_position_embeddings): lower it")
     if max_id >= args.vocab_size:
         raise ValueError(f"token id {max_id} (data or pad) does not fit the model's vocab_size={args.vocab_size}: "
                          f"the tokenizer ({tok.vocab_size} ids) does not belong to this model")
@@ -729,6 +788,9 @@ def train(cfg: Config) -> dict:
         resumed = load_checkpoint(ckpts[-1], model, optimizer, train_loader)
         step = resumed["step"]
         print0(f"resumed from {ckpts[-1]} at step {step}")
+        # The optimizer state carries the checkpoint's hyperparameters; this run's config wins (lr: get_lr, each step).
+        for g, wd in zip(optimizer.param_groups, (cfg.optimizer.weight_decay, 0.0)):  # build_optimizer's 2 groups
+            g.update(betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, weight_decay=wd)
     if cfg.regime.num_data_epochs:
         # fairseq2's num_data_epochs: num_steps and the epochs are both limits, the earlier one ends the run, and
         # the lr schedule spans the steps actually run. A step takes world x grad_accum of the global batches; what is
@@ -738,18 +800,23 @@ def train(cfg: Config) -> dict:
         epoch_steps = step + math.ceil(left / per_step)
         binding = "the data epochs" if epoch_steps <= cfg.regime.num_steps else \
             f"regime.num_steps (raise it for all {cfg.regime.num_data_epochs} epochs)"
+        over = f" (a step takes {per_step} batches, an epoch has {bpe}: each step passes over the data more than " \
+            "once)" if per_step > bpe else ""
         print0(f"regime: {cfg.regime.num_data_epochs} data epoch(s) = {epoch_steps} steps of {per_step} global "
-               f"batch{'es' if per_step > 1 else ''} each, num_steps={cfg.regime.num_steps}: stopping after "
+               f"batch{'es' if per_step > 1 else ''} each{over}, num_steps={cfg.regime.num_steps}: stopping after "
                f"{min(epoch_steps, cfg.regime.num_steps)} steps, set by {binding}")
         cfg.regime.num_steps = min(cfg.regime.num_steps, epoch_steps)
-    if resumed is not None:  # a resume that changes the lr schedule, or has nothing left to do, says so
+    if resumed is not None:  # a resume that changes the optimizer or lr schedule, or has nothing left to do, says so
         before, now = resumed["config"], asdict(cfg)
-        changed = [f"{sec}.{k}: {before[sec][k]} -> {now[sec][k]}" for sec, keys in
-                   (("regime", ["num_steps"]), ("optimizer", ["lr"]), ("lr_scheduler", list(now["lr_scheduler"])))
-                   for k in keys if before[sec].get(k) != now[sec][k]]
+        changed = [f"{sec}.{k}: {before[sec].get(k)} -> {now[sec][k]}" for sec, keys in
+                   (("regime", ["num_steps"]), ("optimizer", list(now["optimizer"])),
+                    ("lr_scheduler", list(now["lr_scheduler"]))) for k in keys if before[sec].get(k) != now[sec][k]]
         if changed:
-            print0(f"note: the lr schedule differs from the checkpoint's run ({'; '.join(changed)}): "
-                   f"it continues from step {step} on the new one")
+            print0(f"note: the optimizer / lr schedule differs from the checkpoint's run ({'; '.join(changed)}): "
+                   f"it continues from step {step} with the new settings")
+        if before["model"]["path"] != now["model"]["path"]:
+            print0(f"note: model.path changed ({before['model']['path']} -> {now['model']['path']}): the weights "
+                   "come from the checkpoint (model.path initializes a fresh run only)")
         if step >= cfg.regime.num_steps:
             print0(f"note: the checkpoint is at step {step} and regime.num_steps={cfg.regime.num_steps}: nothing left "
                    "to train (raise regime.num_steps to continue)")
@@ -759,18 +826,18 @@ def train(cfg: Config) -> dict:
     extra = {"model_args": asdict(args), "config": asdict(cfg), "dtype": str(dtype)}  # for `--export` and for humans
 
     # --- logging
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if is_master else None
-    tb = None
-    if cfg.trainer.tensorboard and is_master:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ImportError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-        tb = SummaryWriter(str(out_dir / "tb"))
+    metrics_file = None
+    if is_master:
+        dropped = trim_metrics(out_dir / "metrics.jsonl", step if resumed is not None else -1)
+        if dropped:
+            print(f"metrics.jsonl: dropped {dropped} records " + (f"after the checkpoint's step {step} (steps this run "
+                  "trains again)" if resumed else "of an earlier run here that left no checkpoint"), flush=True)
+        metrics_file = open(out_dir / "metrics.jsonl", "a")
+    tb = SummaryWriter(str(out_dir / "tb")) if SummaryWriter is not None else None
 
     def publish(record: dict):
         if is_master:
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(json.dumps(json_safe(record)) + "\n")
             metrics_file.flush()
             for k, v in record.items():
                 if tb is not None and isinstance(v, (int, float)) and k != "step":
@@ -813,16 +880,34 @@ def train(cfg: Config) -> dict:
     result = {"step": step, "val_loss": None, "eval": None}
     model.train()
     train_iter = iter(train_loader)
-    window = dict.fromkeys(("tokens", "labels", "padded", "flops", "steps", "loss", "time"), 0)  # since the last log
+    window = dict.fromkeys(("tokens", "labels", "padded", "flops", "steps", "finite", "loss", "time"), 0)  # since the last log
     start_step, train_time = step, 0.0  # train_time: seconds in training steps (no eval / checkpoint), for the ETA
     prof = None  # a torch.profiler run over trainer.profile_steps
     stop = False
+
+    def log_window():
+        """Publish the means over the steps since the last record (the loss over those with a finite one)."""
+        nonlocal window
+        dt = window["time"]
+        rec = {"step": step, "loss": window["loss"] / window["finite"] if window["finite"] else math.nan, "lr": lr,
+               "grad_norm": grad_norm, "tokens_per_s": window["tokens"] / dt, "label_tokens_per_s": window["labels"] / dt,
+               "padding": 1 - window["tokens"] / max(1, window["padded"]), "memory_gb": memory_gb(device)}
+        peak = peak_flops(device)
+        if peak:
+            rec["mfu"] = window["flops"] / dt / (peak * world)
+        eta = train_time / (step - start_step) * (num_steps - step)
+        print0(f"step {step}/{num_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
+               f"tok/s {rec['tokens_per_s']:,.0f} (sup {rec['label_tokens_per_s']:,.0f})"
+               + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "")
+               + f" | pad {rec['padding']:.1%} | mem {rec['memory_gb']:.2f}GB | eta {eta / 60:.1f}m")
+        publish(rec)
+        window = dict.fromkeys(window, 0)
+
     with stop_signals() as signalled:  # [flag, signal number]: a stop was asked (see stop_signals)
         while True:
-            lr = get_lr(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
             if stop:
+                if window["steps"]:  # the steps since the last record
+                    log_window()
                 if signalled[1] is not None:
                     print(f"rank {rank}: got {signal.Signals(signalled[1]).name}: checkpoint and stop"
                           + (" (Ctrl-C again quits without it)" if signalled[1] == signal.SIGINT else ""), flush=True)
@@ -833,21 +918,27 @@ def train(cfg: Config) -> dict:
                                            cfg.regime.keep_last_n_checkpoints)
                     print0(f"step {step}: saved checkpoint {path}")
                 print0(f"step {step}: stopped by a signal; launch the same command again to resume")
-                result["stopped"] = True
+                result["stopped"] = signalled[1] or signal.SIGTERM  # the signal (another rank's, for the others)
                 break
+            lr = get_lr(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
             last = step >= num_steps
-            every = lambda n: n > 0 and step % n == 0  # noqa: E731
-            if val_loader and (last or (every(cfg.regime.validate_every_n_steps) and step > start_step)):
+            # The end-of-run work (final validation, evaluation) is not redone by a resume with nothing left to train,
+            # unless the checkpoint was written by a stop before that work ("done" marks the final checkpoint).
+            end = last and (step > start_step or not (resumed or {}).get("done"))
+            every = lambda n: n > 0 and step % n == 0 and step > start_step  # noqa: E731
+            if val_loader and (end or every(cfg.regime.validate_every_n_steps)):
                 val = validate()
                 result["val_loss"] = val.pop("")
                 print0(f"step {step}: validation loss {result['val_loss']:.4f}"
                        + (f" ({', '.join(f'{name} {v:.4f}' for name, v in val.items())})" if val else ""))
                 publish({"step": step, "val_loss": result["val_loss"], **{f"val_loss/{k}": v for k, v in val.items()}})
-            if eval_examples and (last or (step == start_step == 0 and cfg.evaluation.at_start)
-                                  or (every(cfg.evaluation.every_n_steps) and step > start_step)):
+            if eval_examples and (end or (step == start_step == 0 and cfg.evaluation.at_start)
+                                  or every(cfg.evaluation.every_n_steps)):
                 result["eval"] = evaluate()
             if step > start_step and (last or every(cfg.regime.checkpoint_every_n_steps)):
-                path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
+                path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, {**extra, "done": last},
                                        cfg.regime.keep_last_n_checkpoints)
                 print0(f"step {step}: saved checkpoint {path}")
             if last:
@@ -865,10 +956,8 @@ def train(cfg: Config) -> dict:
             flops = sum(b.num_tokens * model_lib.flops_per_token(args, b.doc_len_sq / max(b.num_tokens, 1))
                         for b in batches)
             counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
-                                   sum(b.tokens.numel() for b in batches), flops, signalled[0]],
-                                  device=device, dtype=torch.float64)  # + the stop flag: the ranks agree in one all-reduce
+                                   sum(b.tokens.numel() for b in batches), flops], device=device, dtype=torch.float64)
             all_reduce_sum(counts)
-            counts, stop_flag = counts[:4], counts[4]
             n_labels = counts[0].clamp(min=1).float()  # guard: a step with no supervised token has loss 0
             loss_sum = torch.zeros((), device=device)
             for i, b in enumerate(batches):
@@ -882,13 +971,16 @@ def train(cfg: Config) -> dict:
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                 grad_norm = grad_norm.full_tensor()
             # The step's one host sync: the non-finite check needs loss and grad norm, the log needs the token counts.
+            # The stop flag rides along in the loss all-reduce, so a signal during this step ends the run after it.
             # n: supervised tokens, real tokens, token slots, model FLOPs
-            loss_val, grad_norm, *n, stop = torch.cat([all_reduce_sum(loss_sum).double()[None], grad_norm.double()[None],
-                                                       counts, stop_flag[None]]).tolist()
-            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            ends = all_reduce_sum(torch.stack([loss_sum.double(), loss_sum.new_tensor(signalled[0], dtype=torch.float64)]))
+            loss_val, stop, grad_norm, *n = torch.cat([ends, grad_norm.double()[None], counts]).tolist()
+            finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+            if not finite:
                 if not cfg.trainer.skip_nonfinite:
-                    raise RuntimeError(f"non-finite loss {loss_val} / grad norm {grad_norm} at step {step + 1}: stopping "
-                                       f"(last checkpoint kept; set trainer.skip_nonfinite=true to skip such steps)")
+                    raise FloatingPointError(f"non-finite loss {loss_val} / grad norm {grad_norm} at step {step + 1}: "
+                                             "stopping (last checkpoint kept; trainer.skip_nonfinite=true skips such "
+                                             "steps)")
                 print0(f"step {step + 1}: non-finite loss {loss_val} / grad norm {grad_norm}: step skipped")
             elif n[0] > 0:
                 optimizer.step()
@@ -906,26 +998,15 @@ def train(cfg: Config) -> dict:
                 window[k] += v
             window["steps"] += 1
             window["time"] += dt
-            window["loss"] += loss_val if math.isfinite(loss_val) else 0.0
+            if finite:
+                window["finite"] += 1
+                window["loss"] += loss_val
             if step % cfg.regime.publish_metrics_every_n_steps == 0 or step == num_steps:
-                dt = window["time"]
-                rec = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": window["tokens"] / dt, "label_tokens_per_s": window["labels"] / dt,
-                       "padding": 1 - window["tokens"] / max(1, window["padded"]), "memory_gb": memory_gb(device)}
-                peak = peak_flops(device)
-                if peak:
-                    rec["mfu"] = window["flops"] / dt / (peak * world)
-                eta = train_time / (step - start_step) * (num_steps - step)
-                print0(f"step {step}/{num_steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
-                       f"tok/s {rec['tokens_per_s']:,.0f} (sup {rec['label_tokens_per_s']:,.0f})"
-                       + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "")
-                       + f" | pad {rec['padding']:.1%} | mem {rec['memory_gb']:.2f}GB | eta {eta / 60:.1f}m")
-                publish(rec)
-                window = dict.fromkeys(window, 0)
+                log_window()
 
 
     # --- final export
-    if cfg.checkpoint.export_hf and not result.get("stopped"):
+    if cfg.checkpoint.export_hf and not result.get("stopped") and (step > start_step or not (out_dir / "hf").is_dir()):
         export_hf(model, args, tok, out_dir / "hf", export_dtype(cfg.checkpoint.export_dtype, str(dtype)), model_dir)
     result["step"] = step
     if metrics_file:
@@ -941,7 +1022,7 @@ def one_line_errors(prefix: str = "error"):
     data.py's command line uses it too."""
     try:
         yield
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         raise SystemExit(f"{prefix}: {e}") from None
 
 
@@ -958,7 +1039,9 @@ def main(argv: list[str]):
         cfg = load_config(argv)
     try:
         with one_line_errors():
-            train(cfg)
+            result = train(cfg)
+        if result.get("stopped"):  # checkpointed and stopped early: not a finished run (`train && evaluate`)
+            raise SystemExit(128 + int(result["stopped"]))
     except torch.OutOfMemoryError as e:
         asked = re.search(r"Tried to allocate [\d.]+ \w+", str(e))  # the rest of torch's message is pages long
         raise SystemExit(f"error: out of GPU memory{f' ({asked[0]})' if asked else ''}. Lower dataset.max_num_tokens "

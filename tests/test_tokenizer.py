@@ -38,6 +38,8 @@ CONVS = [  # single/multi turn, with/without system, whitespace to trim, think b
      {"role": "tool", "content": '{"t": 20}'}, {"role": "tool", "content": " sunny\n"}, {"role": "assistant", "content": "20, sunny"}],
     [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r1"},  # Qwen: not a query
      {"role": "user", "content": "<tool_response>x</tool_response>"}, {"role": "assistant", "content": "b", "reasoning_content": "r2"}],
+    [{"role": "assistant", "content": "Hi! How can I help?"}, {"role": "user", "content": "2+2?"},  # opens with a greeting
+     {"role": "assistant", "content": "4"}],
 ]
 
 
@@ -286,7 +288,8 @@ def test_chat_matches_templates(llama, qwen, hf_auto, chat_templates_dir, agp):
     # llama {}: our default date and the template's fallback (no strftime_now in plain jinja) are both "26 Jul 2024";
     # transformers would pass strftime_now (today), so HF ids get date_string explicitly
     cases = [("llama", llama["json"], "llama3.2-instruct.jinja", [{}, {"date_string": "1 Jan 2025"}]),
-             ("qwen", qwen["json"], "qwen3.jinja", [{}, {"enable_thinking": False}, {"enable_thinking": True}])]
+             ("qwen", qwen["json"], "qwen3.jinja", [{}, {"enable_thinking": False}, {"enable_thinking": True},
+                                                    {"enable_thinking": None}])]  # `is false`: None adds no block
     for name, tok, fname, kwargs in cases:
         template = (chat_templates_dir / fname).read_text()
         for conv in CONVS:
@@ -348,7 +351,7 @@ def test_jinja_format(llama_jinja_dir, qwen3_tokenizer_dir, llama, qwen):
     pytest.importorskip("jinja2")
     assert load_tokenizer(llama_jinja_dir).chat_format == "llama3"  # auto: the template is the Llama 3.1+ one
     tok = load_tokenizer(llama_jinja_dir, chat_format="jinja")
-    for conv in CONVS:
+    for conv in CONVS:  # the same ids and masks (a conversation opening with the assistant: its turn alone trained)
         for agp in (False, True):
             assert tok.render_chat(conv, agp, date_string="26 Jul 2024") == llama["json"].render_chat(conv, agp)
     # Qwen3's template drops earlier think blocks, so it is not prefix-stable in multi-turn: a clear error

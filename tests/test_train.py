@@ -6,6 +6,7 @@ compile / activation checkpointing, SIGKILL + resume, crash during a checkpoint 
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -130,6 +131,11 @@ def test_config_parsing_and_overrides(tiny_data, tmp_path, monkeypatch):
     ("num_steps", r"expected section.key=value"),
     ("trainer.profile_steps=[3,2]", r"trainer.profile_steps must be \[\] or \[first, last\]"),
     ("regime.num_data_epochs=-1", r"regime.num_data_epochs must be >= 0"),
+    ("optimizer.betas=[0.9", r"override 'optimizer.betas=\[0.9': not valid YAML"),
+    ("optimizer.lr=inf", r"need finite lr > 0"),
+    ("trainer.seed=-1", r"trainer.seed and num_threads must be >= 0"),
+    ("dataset.batch_size=-1", r"dataset.batch_size must be >= 0"),
+    ("dataset.min_seq_len=-3", r"need 0 <= min_seq_len <= max_seq_len"),
     pytest.param("trainer.device=cuda", r"trainer.device=cuda, but this torch .* sees no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ])
@@ -147,6 +153,9 @@ def test_config_missing_files(tiny_data, tmp_path):
         train.load_config([path, "model.name=", "model.path=/nonexistent/model"])
     with pytest.raises(FileNotFoundError, match="config file not found"):
         train.load_config([str(tmp_path / "missing.yaml")])
+    (tmp_path / "broken.yaml").write_text("dataset:\n  path: [unclosed\nmodel:\n  name: x\n")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'broken.yaml'}, line 3 column 6: not valid YAML"):
+        train.load_config([str(tmp_path / "broken.yaml")])
     with pytest.raises(SystemExit, match="config error: .*unknown config key"):  # the CLI: one line, no traceback
         train.main([path, "bogus.key=1"])
 
@@ -188,6 +197,7 @@ def get_lr_then_ctrl_c(step, cfg, presses=1):
 
 
 LR = train.get_lr
+LR_BUILD = train.build_optimizer
 
 
 def test_ctrl_c_checkpoints_then_resume_says_what_changed_and_export_takes_the_run(tiny_data, tmp_path, monkeypatch,
@@ -211,8 +221,19 @@ def test_ctrl_c_checkpoints_then_resume_says_what_changed_and_export_takes_the_r
     cfg["regime"]["num_steps"] = 2
     assert train_in_process(cfg, tmp_path)["step"] == 3
     out = capsys.readouterr().out
-    assert "the lr schedule differs from the checkpoint's run (regime.num_steps: 4 -> 2)" in out
+    assert "the optimizer / lr schedule differs from the checkpoint's run (regime.num_steps: 4 -> 2)" in out
     assert "the checkpoint is at step 3 and regime.num_steps=2: nothing left to train" in out
+    # the checkpoint's optimizer state carries its hyperparameters: the new config's must win, and say so
+    built = []
+    monkeypatch.setattr(train, "build_optimizer", lambda *a, **kw: built.append(LR_BUILD(*a, **kw)) or built[-1])
+    cfg["regime"]["num_steps"] = 4
+    cfg["optimizer"].update(weight_decay=0.5, betas=[0.5, 0.6], eps=1e-3)
+    assert train_in_process(cfg, tmp_path)["step"] == 4
+    assert "(optimizer.betas: [0.9, 0.95] -> [0.5, 0.6]; optimizer.weight_decay: 0.1 -> 0.5; optimizer.eps: 1e-08 " \
+        "-> 0.001): it continues from step 3 with the new settings" in capsys.readouterr().out
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in built[0].param_groups] == \
+        [(0.5, (0.5, 0.6), 1e-3), (0.0, (0.5, 0.6), 1e-3)]
+    monkeypatch.setattr(train, "build_optimizer", LR_BUILD)
     train.main(["--export", str(tmp_path / "out"), str(tmp_path / "hf")])
     assert "exporting the newest checkpoint of the run: " in capsys.readouterr().out
     assert (tmp_path / "hf" / "model.safetensors").is_file()
@@ -476,14 +497,16 @@ train.main(sys.argv[1:])
 
 def test_sigterm_on_one_rank_checkpoints_and_stops_all_then_resumes(reference_run, tmp_path):
     """Preemption: SIGTERM reaches rank 1 only, during step 3. Both ranks finish step 3, agree to stop (through the
-    step's count all-reduce), write the step-3 checkpoint and exit 0; one process resumes it on the reference curve."""
+    step's loss all-reduce), write the step-3 checkpoint and exit 143 (128 + SIGTERM: not a finished run); one process
+    resumes it on the reference curve."""
     cfg, ref = reference_run
     cfg = json.loads(json.dumps(cfg))
     cfg["checkpoint"]["dir"] = str(tmp_path / "out")
     cfg["trainer"]["grad_accum"] = 1
     (tmp_path / "sig.py").write_text(SIGNAL_SCRIPT.format(root=str(ROOT)))
     p = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-             str(tmp_path / "sig.py"), write_cfg(cfg, tmp_path / "c2.yaml")])
+             str(tmp_path / "sig.py"), write_cfg(cfg, tmp_path / "c2.yaml")], expect_rc=1)  # not a finished run
+    assert "exitcode  : 143" in p.stderr  # the workers exit 128 + SIGTERM
     assert "rank 1: got SIGTERM" in p.stdout and "rank 0: got" not in p.stdout, p.stdout[-3000:]
     assert "step 3: saved checkpoint" in p.stdout and "step 3: stopped by a signal" in p.stdout
     assert [c.name for c in train.complete_checkpoints(tmp_path / "out" / "checkpoints")] == ["step_00000003"]
@@ -493,6 +516,16 @@ def test_sigterm_on_one_rank_checkpoints_and_stops_all_then_resumes(reference_ru
     cfg["trainer"]["grad_accum"] = 2
     assert train_in_process(cfg, tmp_path, "c1.yaml")["step"] == 7
     close(losses(tmp_path / "out"), ref, range(1, 8), 1e-4)
+
+
+def test_a_data_error_on_two_ranks_is_one_line_on_each(tiny_data, tmp_path):
+    """Rank 0 builds the token cache while rank 1 waits: its error must reach rank 1 as well, not a lost connection."""
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", dataset={"max_seq_len": 9, "cache_dir": str(tmp_path / "cache")})
+    p = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+             "train.py", write_cfg(cfg, tmp_path / "c.yaml")], expect_rc=1)
+    errors = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("no usable examples" in e for e in errors), p.stdout[-2000:] + p.stderr[-3000:]
+    assert "rank 0 could not build the dataset" in errors[0] + errors[1] and "Connection" not in p.stderr
 
 
 def test_multinode_hsdp_smoke(reference_run, tmp_path):
@@ -595,17 +628,50 @@ def test_sigkill_during_checkpoint_then_resume_is_bit_identical(tiny_data, tmp_p
     ckpts = tmp_path / "killed" / "checkpoints"
     assert [c.name for c in train.complete_checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
     assert (ckpts / "step_00000006.tmp").is_dir()  # the half-written one, never picked up
+    (ckpts / "step_00000005.tmp").mkdir()  # another killed write's leftover
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000009.bak")  # a user's copy: not a checkpoint
 
     result = train_in_process(cfg, tmp_path, "killed.yaml")  # automatic resume from step 4
     assert result["step"] == 6
     resumed = losses(tmp_path / "killed")
     assert all(resumed[s] == straight[s] for s in range(1, 7)), (resumed, straight)
+    # steps 5 and 6 ran twice (before the kill, after the resume): metrics.jsonl logs each step once
+    logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").open()]
+    assert logged == [1, 2, 3, 4, 5, 6], logged
     names = [c.name for c in train.complete_checkpoints(ckpts)]
     assert names == ["step_00000004", "step_00000006"]
+    assert sorted(p.name for p in ckpts.iterdir()) == names + ["step_00000009.bak"]  # stale .tmp dirs removed
     a, _ = train.load_checkpoint_model(tmp_path / "straight" / "checkpoints" / "step_00000006")
     b, _ = train.load_checkpoint_model(ckpts / "step_00000006")
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), k
+
+
+def test_errors_found_when_the_model_is_known(tiny_data, tmp_path, capsys):
+    """Checks that need the model (or the world size) before any step: the data's max_seq_len against the model's
+    context; dp_replicate without torchrun; a checkpoint of another architecture (one line, not DCP's traceback)."""
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", dataset={"valid_split": "", "max_seq_len": 70000, "batch_size": 0,
+                                                         "max_num_tokens": 70000}, regime={"num_steps": 1})
+    with pytest.raises(ValueError, match=r"dataset.max_seq_len=70000 is longer than the model's context "
+                                         r"\(max_seq_len=65536"):
+        train_in_process(cfg, tmp_path)
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", trainer={"dp_replicate": 2}, regime={"num_steps": 1},
+                   dataset={"valid_split": ""})
+    with pytest.raises(ValueError, match="dp_replicate=2 replicates across processes, but this run is one process"):
+        train_in_process(cfg, tmp_path)
+    cfg["trainer"]["dp_replicate"] = 1
+    train_in_process(cfg, tmp_path)
+    cfg["model"]["name"] = "tiny_qwen3"
+    with pytest.raises(ValueError, match=r"step_00000001 holds another model \(head_dim 16 -> 32, .*model_type llama "
+                                         r"-> qwen3\): resume it with the model it was trained with"):
+        train_in_process(cfg, tmp_path)
+    # a resume with nothing left neither validates nor evaluates again (nor logs it twice)
+    cfg = tiny_cfg(tiny_data, tmp_path / "val", regime={"num_steps": 2})
+    train_in_process(cfg, tmp_path)
+    train_in_process(cfg, tmp_path)
+    assert "nothing left to train" in capsys.readouterr().out
+    vals = [r for r in map(json.loads, (tmp_path / "val" / "metrics.jsonl").open()) if "val_loss" in r]
+    assert [r["step"] for r in vals] == [2]
 
 
 def test_nonfinite_loss_stops_or_skips(tiny_data, tmp_path):
@@ -614,12 +680,17 @@ def test_nonfinite_loss_stops_or_skips(tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, tmp_path / "out", optimizer={"lr": 1e30, "weight_decay": 0.0},
                    trainer={"max_grad_norm": 0.0}, regime={"num_steps": 3, "checkpoint_every_n_steps": 1},
                    dataset={"valid_split": ""})
-    with pytest.raises(RuntimeError, match="non-finite .* at step 2"):
+    with pytest.raises(FloatingPointError, match="non-finite .* at step 2"):  # one line from main (one_line_errors)
         train_in_process(cfg, tmp_path)
     assert [c.name for c in train.complete_checkpoints(tmp_path / "out" / "checkpoints")] == ["step_00000001"]
     cfg["trainer"]["skip_nonfinite"] = True
     cfg["checkpoint"]["dir"] = str(tmp_path / "skip")
     assert train_in_process(cfg, tmp_path, "skip.yaml")["step"] == 3
+    # skipped steps are logged as a missing loss (strict JSON null), never as 0 or NaN
+    def strict(c):
+        raise ValueError(f"not strict JSON: {c}")
+    recs = [json.loads(line, parse_constant=strict) for line in (tmp_path / "skip" / "metrics.jsonl").open()]
+    assert [(r["step"], r["loss"] is None) for r in recs if "loss" in r] == [(1, False), (2, True), (3, True)]
 
 
 def test_vocab_check_is_on_the_ids_the_model_sees(tiny_data, tmp_path, llama3_tokenizer_dir, qwen3_tokenizer_dir):
