@@ -67,7 +67,8 @@ import torch
 
 from tokenizer import TRAIN_ON
 
-CACHE_VERSION = 5  # 3: chat records with tools render them (2 ignored them); 4: meta counts no_stop_token
+CACHE_VERSION = 6  # 3: chat records with tools render them; 4: meta counts no_stop_token; 5: truncation cuts the
+# prompt first; 6: tokenizer.json with ignore_merges=false applies merges only, jinja masks of assistant-first chats
 ENCODE_MODES = ("prompt", "prompt_response", "as_is")
 ROLES = ("system", "user", "assistant", "tool", "ipython")  # all formats' roles; render_chat checks its own
 POOL_MIN_BYTES = 1 << 20  # below ~1 MB of data, forking tokenizer workers costs more than it saves

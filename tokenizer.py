@@ -7,8 +7,11 @@
 
 Every byte-level BPE (Llama 3 tokenizer.model, HF tokenizer.json, vocab.json + merges.txt) is converted to one
 tiktoken Encoding: ranks are the vocab ids (the vocab order is the merge order for these files; checked at load),
-bytes come through the GPT-2 byte<->unicode map, the pre-tokenizer regex is read from the file. Ids equal HF
-`tokenizers` exactly (tests/test_tokenizer.py proves it on GSM8K and a hard-strings corpus).
+bytes come through the GPT-2 byte<->unicode map, the pre-tokenizer regex is read from the file. tiktoken keeps a
+pre-token that is a vocab entry whole (HF's ignore_merges=true, Meta's tokenizer.model); a tokenizer.json without it
+(or vocab.json + merges.txt) applies merges only, so the vocab entries its merges never build are taken out of the
+ranks (decodable, never produced). Ids equal HF `tokenizers` exactly (tests/test_tokenizer.py proves it on GSM8K and
+a hard-strings corpus).
 
 End tokens, explicitly (Llama 3 base vs Instruct and Qwen3 base vs chat differ only here):
   eos_id   - tokenizer_config.json `eos_token` (Llama 3.2 base: <|end_of_text|>, Instruct: <|eot_id|>; Qwen3 base:
@@ -38,6 +41,7 @@ Tool calls are supervised like assistant content; tools and tool responses never
 Tests: python3 -m pytest -q -x tests/test_tokenizer.py    Benchmark: python3 bench/tokenize.py
 """
 import base64
+import heapq
 import json
 import os
 import re
@@ -527,6 +531,50 @@ def _tiktoken_model_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+_UNREACHABLE = {}  # (file, size, mtime) -> _unreachable_tokens of its vocab
+
+
+def _unreachable_tokens(ranks: dict[bytes, int]) -> dict[bytes, int]:
+    """Vocab tokens that merges-only BPE never outputs: BPE of the token's own bytes (lowest-rank pair first,
+    leftmost on ties, as tiktoken and, for these rank-ordered files, HF merge) does not end in the token itself.
+    A heap of adjacent pairs keeps it O(L log L) per token (a trained vocab may hold tokens of thousands of bytes)."""
+    out = {}
+    for tok, rank in ranks.items():
+        n = len(tok)
+        if n < 2:
+            continue
+        nxt, prv, heap = list(range(1, n + 1)), list(range(-1, n - 1)), []
+
+        def push(i):  # the pair (segment at i, the next one), keyed by where it ends
+            if i >= 0 and nxt[i] < n and (r := ranks.get(tok[i:nxt[nxt[i]]])) is not None:
+                heapq.heappush(heap, (r, i, nxt[nxt[i]]))
+        for i in range(n - 1):
+            push(i)
+        segments = n
+        while heap:
+            _, i, e = heapq.heappop(heap)
+            if prv[i] == -2 or nxt[i] >= n or nxt[nxt[i]] != e:  # a merged-away segment or a changed pair
+                continue
+            j = nxt[i]
+            nxt[i], prv[j] = nxt[j], -2
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            segments -= 1
+            push(prv[i])
+            push(i)
+        if segments != 1:
+            out[tok] = rank
+    return out
+
+
 def _bpe_from_hf(vocab: dict[str, int], merges, where: str) -> dict[bytes, int]:
     """Byte-level BPE vocab -> tiktoken ranks. tiktoken merges the pair whose concatenation has the lowest rank, which
     equals HF's merge-priority order when ids increase with merge order: checked here, not assumed."""
@@ -601,6 +649,7 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
     # save() copies every tokenizer file of the directory (an HF export needs tokenizer.json even if we read .model)
     files, nfc = [d / f for f in TOKENIZER_FILES if (d / f).exists()], False
     model_file = p if p.is_file() else d / "tokenizer.model"
+    merges_only = False  # tiktoken (Meta's tokenizer.model) looks a whole pre-token up in the vocab first
     if kind == "model":
         head = model_file.read_bytes()[:200].split(b"\n")[0]
         if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head):  # Llama 3: tiktoken ranks (base64 token + rank per line)
@@ -636,6 +685,8 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
         if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
             raise ValueError(f"{where}: model.vocab (dict) and model.merges (list) are required")
         ranks = _bpe_from_hf(model["vocab"], model["merges"], where)
+        if not model.get("ignore_merges", False):  # HF's default: merges only, no whole-word vocab lookup
+            merges_only = True
         pattern = _pattern_from_tokenizer_json(tok_json, where)
         norm = (tok_json.get("normalizer") or {}).get("type")
         if norm not in (None, "NFC"):
@@ -648,6 +699,7 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
         lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [m for m in lines if m and not m.startswith("#version")]
         ranks = _bpe_from_hf(_read_json(d / "vocab.json"), merges, where)
+        merges_only = True  # the slow tokenizers apply merges only
         # the slow tokenizer classes hard-code their regex (transformers tokenization_qwen2.py / tokenization_gpt2.py)
         cls = cfg.get("tokenizer_class")
         if cls not in ("Qwen2Tokenizer", "GPT2Tokenizer"):
@@ -660,8 +712,24 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
                                 "or vocab.json + merges.txt")
     rank_ids = set(ranks.values())
     specials = {s: i for s, (i, sp_) in added.items() if i not in rank_ids or sp_}
+    # tiktoken returns a pre-token that is a vocab entry as that one token (HF's ignore_merges=true); with merges
+    # only, HF never produces a token its merges do not build (Llama 3 tokenizer.json re-saved with
+    # ignore_merges=false: 588 of them, e.g. " Việt"). Such tokens leave the ranks (so tiktoken never forms them)
+    # and stay decodable as never-matched special tokens.
+    unreachable = {}
+    if merges_only:  # ~1 s: computed once per file and process
+        key = (str(src), src.stat().st_size, src.stat().st_mtime_ns)
+        if key not in _UNREACHABLE:
+            _UNREACHABLE[key] = _unreachable_tokens(ranks)
+        unreachable = _UNREACHABLE[key]
+    if unreachable:
+        if bad := [t for t in unreachable if not _is_utf8(t)]:
+            raise ValueError(f"{src}: {len(bad)} vocab tokens (e.g. {bad[0]!r}) are never built by the merges "
+                             "(ignore_merges=false) and are not UTF-8: not supported")
+        ranks = {t: i for t, i in ranks.items() if t not in unreachable}
     try:  # tiktoken compiles the pattern with Rust fancy-regex here
-        enc = tiktoken.Encoding(name=str(d), pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        enc = tiktoken.Encoding(name=str(d), pat_str=pattern, mergeable_ranks=ranks,
+                                special_tokens={**specials, **{t.decode(): i for t, i in unreachable.items()}})
     except ValueError as e:
         raise ValueError(f"{src}: pre-tokenizer regex {pattern!r} does not compile in tiktoken ({e})") from None
     bos, eos, pad = (_token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))

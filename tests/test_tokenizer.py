@@ -223,6 +223,27 @@ def test_ids_match_hf(llama, qwen, llama3_tokenizer_dir, qwen3_tokenizer_dir, gs
                 assert tok.decode(tok.encode(t)) == (unicodedata.normalize("NFC", t) if tok.nfc else t)
 
 
+def test_ignore_merges_as_the_tokenizer_json_says(llama, llama3_tokenizer_dir, tmp_path):
+    """tiktoken (Meta's tokenizer.model) returns a pre-token found in the vocab whole: HF's ignore_merges=true. This
+    tokenizer.json says false (merges only), under which HF splits 588 Llama 3 tokens such as " Việt": ours from
+    that file must too, and from the same file with true (as Meta's official one) keep them whole, like the .model."""
+    from tokenizers import Tokenizer as HFTokenizer
+    texts = [" Việt Nam", "Tôi là người Việt, hôm nay trời đẹp.", "To je jeho auto. Güzel bir gün, işte böyle."]
+    j = json.loads((llama3_tokenizer_dir / "tokenizer.json").read_text())
+    assert j["model"]["ignore_merges"] is False
+    (tmp_path / "true").mkdir()
+    j["model"]["ignore_merges"] = True
+    (tmp_path / "true" / "tokenizer.json").write_text(json.dumps(j))
+    for path, ours_model_equal in [(llama3_tokenizer_dir / "tokenizer.json", False), (tmp_path / "true" / "tokenizer.json", True)]:
+        hf, ours = HFTokenizer.from_file(str(path)), load_tokenizer(path)
+        want = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+        assert [ours.encode(t) for t in texts] == want and ours.encode_batch(texts) == want, path
+        assert (want == [llama["model"].encode(t) for t in texts]) == ours_model_equal
+        assert [ours.decode(ids) for ids in want] == texts
+    assert llama["model"].encode(" Việt") == [101798]
+    assert llama["json"].encode(" Việt") == [11655, 26298, 83] and llama["json"].decode([101798]) == " Việt"
+
+
 def test_special_strings_stay_text(llama, qwen):
     """Deliberate difference from HF (which turns them into control tokens): special strings in text are text."""
     tok = llama["json"]
