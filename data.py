@@ -55,6 +55,7 @@ import multiprocessing
 import os
 import queue
 import random
+import tempfile
 import shutil
 import sys
 import threading
@@ -156,12 +157,23 @@ def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
     exts = ("jsonl", "parquet")
-    for patterns in ([f"{split}.{e}" for e in exts],
-                     [f"{split}/**/*.{e}" for e in exts],
-                     [f"**/{split}.{e}" for e in exts] + [f"**/{split}-*.{e}" for e in exts]):
+    for level, patterns in enumerate(([f"{split}.{e}" for e in exts],
+                                      [f"{split}/**/*.{e}" for e in exts],
+                                      [f"**/{split}.{e}" for e in exts] + [f"**/{split}-*.{e}" for e in exts])):
         files = sorted({os.path.abspath(f) for p in patterns for f in glob.glob(os.path.join(path, p), recursive=True)})
-        if files:
-            return files
+        if not files:
+            continue
+        # Both would be read, each example twice: the same split in two formats, or a Hub dataset's configs
+        # (hg://openai/gsm8k holds main/ and socratic/, the same questions with two answer styles).
+        if len(kinds := {f.rsplit(".", 1)[1] for f in files}) > 1:
+            raise ValueError(f"{what} {path}: split '{split}' is there as {' and '.join(sorted(kinds))} files; "
+                             "keep one format")
+        dirs = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
+        if level == 2 and len(dirs) > 1:
+            raise ValueError(f"{what} {path}: split '{split}' files in {len(dirs)} subdirectories ({', '.join(dirs[:4])})"
+                             f", usually the dataset's configs: point {what} at one (e.g. {path.rstrip('/')}/{dirs[0]},"
+                             " or hg://org/name/<config>), or list them in dataset.sources")
+        return files
     if missing_ok:
         return []
     raise FileNotFoundError(f"no data for split '{split}' in {path}: expected {split}.jsonl, {split}/**/*.jsonl "
@@ -219,6 +231,8 @@ def parse_record(where: str, raw) -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadExample("invalid_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, arrays nested past the recursion limit
+        raise BadExample("invalid_json", f"{where}: unreadable JSON ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(obj, dict):
         raise BadExample("invalid_json", f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -244,7 +258,8 @@ def _render(tokenizer, messages, train_on, where, tools=None):
 
 def encode_example(obj: dict, cfg: DatasetConfig, tokenizer, where: str) -> tuple[list[int], list[int]]:
     train_on = "all" if cfg.train_on_prompt else cfg.train_on
-    key = cfg.messages_field if cfg.messages_field in obj else "chat" if "chat" in obj else None
+    # a null field is an absent one (Parquet fills a column that a src/tgt row lacks with null)
+    key = next((k for k in (cfg.messages_field, "chat") if obj.get(k) is not None), None)
     if key is not None:
         messages = obj[key]
         if not isinstance(messages, list) or not messages:
@@ -286,10 +301,12 @@ def response_start(obj: dict, cfg: DatasetConfig, tokenizer, where: str, mask: l
 
 def truncate_example(ids, mask, max_ids, first):
     """Cut to max_ids ids, the prompt first (after its first token; the response starts at `first`), then the
-    response's end; None if nothing supervised would remain."""
+    response's end. Returns (ids, mask, whether the response's end was cut), or None if nothing supervised would
+    remain."""
     cut = min(len(ids) - max_ids, max(first - 1, 0))
+    end_cut = len(ids) - cut > max_ids
     ids, mask = (ids[:1] + ids[1 + cut:])[:max_ids], (mask[:1] + mask[1 + cut:])[:max_ids]
-    return (ids, mask) if any(mask[1:]) else None
+    return (ids, mask, end_cut) if any(mask[1:]) else None
 
 
 def _encode_chunk(chunk):
@@ -311,21 +328,25 @@ def _encode_chunk(chunk):
         if n < cfg.min_seq_len:
             drops["too_short"] += 1
             continue
+        end_cut = False
         if n > cfg.max_seq_len:
             kept = truncate_example(list(ids), list(mask), cfg.max_seq_len + 1,
                                     response_start(obj, cfg, tokenizer, where, mask)) if cfg.truncate else None
             if kept is None:
                 drops["too_long"] += 1
                 continue
-            ids, mask = kept
+            ids, mask, end_cut = kept
             drops["truncated"] += 1  # kept; reported apart from the drops
         if not any(mask[1:]):
             drops["no_supervised"] += 1
             continue
         # PITFALLS 1: a supervised span that does not end on a stop token teaches the model never to stop
-        # (a cut response is expected to, and is not counted)
+        # (a cut response is expected to, and is not counted). Whitespace after the stop token (chatml's "\n" after
+        # <|im_end|>, supervised with train_on: all) does not count.
         last = len(mask) - 1 - mask[::-1].index(1)  # the last supervised id
-        no_stop += ids[last] not in stops and n <= cfg.max_seq_len
+        while last > 1 and mask[last - 1] and ids[last] not in stops and not tokenizer.decode([ids[last]]).strip():
+            last -= 1
+        no_stop += ids[last] not in stops and not end_cut
         ids_out.extend(ids)
         mask_out.extend(mask)
         lengths.append(len(ids))
@@ -363,6 +384,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 ENCODE_OPTIONS = ("src_field", "tgt_field", "messages_field", "chat_mode", "source_encode_mode", "target_encode_mode",
                   "train_on", "train_on_prompt", "min_seq_len", "max_seq_len", "truncate", "skip_bad_examples")
+BATCH_OPTIONS = ("max_seq_len", "batch_size", "max_num_tokens", "packing", "shuffle")  # what plan_epoch reads
 
 
 def cache_path(files, cfg: DatasetConfig, tokenizer, split) -> str:
@@ -398,8 +420,9 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
     """Tokenize `files` into out_dir (written to a temp dir, renamed into place when complete)."""
     global _WORKER
     t0 = time.time()
-    tmp = f"{out_dir}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
-    os.makedirs(tmp)
+    # unique even between nodes sharing the cache dir (equal pids in containers, random seeded alike by train.py)
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir) or ".", prefix=os.path.basename(out_dir) + ".tmp-")
     workers = cfg.num_workers or min(os.cpu_count() or 1, 8)
     drops, messages, lengths, num_read, label_tokens, max_id, no_stop = Counter(), [], [0], 0, 0, 0, 0
     _WORKER = (cfg, tokenizer)
@@ -429,6 +452,10 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
             pool.terminate()
     for m in messages[:5]:
         print(f"data: skipped {m}", file=sys.stderr)
+    # the bad-example reasons (skip_bad_examples), not the length and file counts
+    if (skipped := sum(v for k, v in drops.items()
+                       if k not in ("too_short", "too_long", "no_supervised", "truncated", "empty_file"))) > 5:
+        print(f"data: ... and {skipped - 5} more skipped (counted by reason in the report)", file=sys.stderr)
     if len(lengths) == 1:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"{', '.join(files)[:300]}: no usable examples (read {num_read}, dropped "
@@ -454,12 +481,16 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
 class TokenizedData:
     """A built cache, memory-mapped: example i is ids tokens[offsets[i]:offsets[i+1]] with mask[...]."""
     def __init__(self, directory):
-        self.meta = _read_json(os.path.join(directory, "meta.json"))
         self.directory = directory
-        self.offsets = np.fromfile(os.path.join(directory, "offsets.bin"), np.int64)
-        n = int(self.offsets[-1])
-        self.tokens = np.memmap(os.path.join(directory, "tokens.bin"), np.uint32, "r", shape=(n,))
-        self.mask = np.memmap(os.path.join(directory, "mask.bin"), np.uint8, "r", shape=(n,))
+        try:
+            self.meta = _read_json(os.path.join(directory, "meta.json"))
+            self.offsets = np.fromfile(os.path.join(directory, "offsets.bin"), np.int64)
+            n = int(self.offsets[-1])
+            self.tokens = np.memmap(os.path.join(directory, "tokens.bin"), np.uint32, "r", shape=(n,))
+            self.mask = np.memmap(os.path.join(directory, "mask.bin"), np.uint8, "r", shape=(n,))
+        except (OSError, ValueError, IndexError) as e:  # a cache damaged after it was built (truncated, deleted)
+            raise ValueError(f"token cache {directory} is damaged ({type(e).__name__}: {e}): delete that directory "
+                             "and it is rebuilt") from None
         self.lengths = np.diff(self.offsets) - 1  # model tokens per example
 
     def __len__(self):
@@ -795,20 +826,23 @@ def _prefetch(gen, depth, stop: threading.Event):
     """Run generator `gen` in a daemon thread, `depth` items ahead; exceptions re-raise in the consumer."""
     q = queue.Queue(maxsize=depth)
 
+    def put(item) -> bool:  # False once the consumer is gone (stop set): never block on a full queue forever
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def work():
         try:
             for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(_END)
+            put(_END)
         except BaseException as e:  # surfaced to the consumer, not lost in the thread
-            q.put(e)
+            put(e)
 
     thread = threading.Thread(target=work, daemon=True, name="data-prefetch")
     _THREADS[:] = [(s, t) for s, t in _THREADS if t.is_alive()] + [(stop, thread)]
@@ -887,7 +921,7 @@ class Loader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
                 "batches_per_epoch": self.batches_per_epoch, "examples_per_epoch": len(self.data),
-                "mixture": self._mixture()}
+                "mixture": self._mixture(), "batching": {k: getattr(self.cfg, k) for k in BATCH_OPTIONS}}
 
     def _mixture(self) -> list:
         # [name, weight, examples per epoch] of each source: weights swapped between sources of equal size, or
@@ -902,6 +936,12 @@ class Loader:
                              f"epoch) does not match this loader (seed {mine[0]}, {mine[1]} batches, {mine[2]} "
                              "examples): the seed, the dataset, its weights or the batching options changed since the "
                              "checkpoint")
+        batching = {k: getattr(self.cfg, k) for k in BATCH_OPTIONS}
+        if changed := [f"dataset.{k}: {v} -> {batching[k]}" for k, v in sd.get("batching", batching).items()
+                       if batching.get(k) != v]:  # the same batch count can hide other batches
+            raise ValueError(f"data loader state: the batching options changed since the checkpoint "
+                             f"({'; '.join(changed)}): the rest of the epoch would repeat and skip examples; "
+                             "resume with the checkpoint's options, or start a fresh run in another checkpoint.dir")
         if sd.get("mixture", self._mixture()) != self._mixture():
             raise ValueError(f"data loader state: the checkpoint's mixture [name, weight, examples] {sd['mixture']} "
                              f"is not this run's {self._mixture()}: dataset.sources changed since the checkpoint")

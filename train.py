@@ -1022,7 +1022,7 @@ def one_line_errors(prefix: str = "error"):
     data.py's command line uses it too."""
     try:
         yield
-    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:  # OSError: FileNotFoundError, permissions
         raise SystemExit(f"{prefix}: {e}") from None
 
 

@@ -133,6 +133,16 @@ def test_chat_formats(tmp_path, tok, key):
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4<|im_end|>"
 
 
+def test_null_messages_field_is_absent(tmp_path, tok):
+    """Parquet fills a column a row lacks with null: a src/tgt row beside chat rows must stay a src/tgt example."""
+    path = write_jsonl(tmp_path / "m" / "train.jsonl", [{"src": "a", "tgt": "b", "messages": None},
+                                                         {"messages": [{"role": "user", "content": "x"},
+                                                                       {"role": "assistant", "content": "y"}]}])
+    loader = build_loader(cfg_for(tmp_path, path), tok, "train")
+    assert len(loader.data) == 2 and loader.data.meta["drops"] == {}
+    assert example_of(loader, 0)[0] == tok.encode("a", bos=True) + tok.encode("b", eos=True)
+
+
 def test_chat_mode_wraps_src_tgt(tmp_path, tok):
     f = write_jsonl(tmp_path / "d.jsonl", [{"src": "2+2?", "tgt": "4"}])
     ids, mask = example_of(build_loader(cfg_for(tmp_path, f, chat_mode=True), tok, "train"), 0)
@@ -198,6 +208,15 @@ def test_path_kinds(tmp_path, tok):
         build_loader(cfg_for(tmp_path, tmp_path / "a" / "train.jsonl", valid_split="valid"), tok, "valid")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_loader(cfg_for(tmp_path, tmp_path / "nope"), tok, "train")
+    # a Hub dataset's configs (gsm8k: main/, socratic/) or one split in two formats would each be read twice
+    write_jsonl(tmp_path / "c" / "socratic" / "train-00000-of-00001.jsonl", rows)
+    with pytest.raises(ValueError, match=r"split 'train' files in 2 subdirectories \(main, socratic\), usually the "
+                                         r"dataset's configs: point dataset.path at one"):
+        build_loader(cfg_for(tmp_path, tmp_path / "c"), tok, "train")
+    assert len(build_loader(cfg_for(tmp_path, tmp_path / "c" / "main"), tok, "train").data) == 12
+    (tmp_path / "a" / "train.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="split 'train' is there as jsonl and parquet files; keep one format"):
+        build_loader(cfg_for(tmp_path, tmp_path / "a"), tok, "train")
 
 
 def offline_hub_repo(tmp_path, monkeypatch, repo_id: str, kind: str = "datasets") -> Path:
@@ -406,6 +425,21 @@ def test_resume_identical_batches(tmp_path, tok, qa_dir, mode, world, kind):
         ref.close(), run.close(), fresh.close()
 
 
+def test_resume_refuses_changed_batching_options(tmp_path, tok, qa_dir):
+    """The same batch count can hide other batches (shuffle off, another max_num_tokens): the rest of the epoch
+    would repeat and skip examples."""
+    run = build_loader(cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4), tok, "train")
+    next(run)
+    state = run.state_dict()
+    other = build_loader(cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4, shuffle=False), tok, "train")
+    assert other.batches_per_epoch == run.batches_per_epoch
+    with pytest.raises(ValueError, match=r"the batching options changed since the checkpoint \(dataset.shuffle: "
+                                         r"True -> False\)"):
+        other.load_state_dict(state)
+    del state["batching"]  # a checkpoint from before the options were stored: still accepted
+    build_loader(cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4), tok, "train").load_state_dict(state)
+
+
 def test_resume_at_another_world_size_continues_global_stream(tmp_path, tok, qa_dir):
     cfg = cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4)
     single = build_loader(cfg, tok, "train")
@@ -603,6 +637,15 @@ def test_examples_not_ending_on_a_stop_token_are_counted_and_warned(tmp_path, to
     assert bad.data.meta["no_stop_token"] == 12
     assert "WARNING: 12 of 12 examples end their supervised tokens on something else than a stop token" in \
         capsys.readouterr().out
+    # chatml with train_on: all supervises the "\n" after <|im_end|>: that still ends on the stop token
+    chats = write_jsonl(tmp_path / "c" / "train.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                                        {"role": "assistant", "content": "a"}]}] * 3)
+    assert build_loader(cfg_for(tmp_path, chats, train_on="all"), tok, "train").data.meta["no_stop_token"] == 0
+    # a truncated prompt with the response whole is counted like any other example; a cut response is not
+    long = write_jsonl(tmp_path / "t" / "train.jsonl", [{"src": "p" * 50, "tgt": "r"}, {"src": "p", "tgt": "r" * 50}])
+    meta = build_loader(cfg_for(tmp_path, long, max_seq_len=20, truncate=True, target_encode_mode="as_is"), tok,
+                        "train").data.meta
+    assert meta["truncated"] == 2 and meta["no_stop_token"] == 1
 
 
 def test_mix_trains_end_to_end(tmp_path):
@@ -643,6 +686,9 @@ BAD = {  # name: (file content bytes, message, reason counted with skip_bad_exam
     "invalid_utf8": (GOOD.encode() + b"\n{\"src\": \"\xff\xfe\", \"tgt\": \"b\"}\n", r"d\.jsonl:2: invalid UTF-8",
                      "invalid_utf8"),
     "not_object": (GOOD + "\n[1, 2]", r"d\.jsonl:2: expected a JSON object", "invalid_json"),
+    "huge_int": (GOOD + '\n{"src": ' + "9" * 5000 + ', "tgt": "b"}', r"d\.jsonl:2: unreadable JSON", "invalid_json"),
+    "deep_nesting": (GOOD + "\n" + "[" * 100000 + "]" * 100000, r"d\.jsonl:2: unreadable JSON .RecursionError",
+                     "invalid_json"),
     "lone_surrogate": (GOOD + "\n" + json.dumps({"src": "bad \ud800", "tgt": "b"}), r"d\.jsonl:2: .*surrogate",
                        "bad_field"),  # valid JSON, not encodable as UTF-8
     "bad_messages": (GOOD + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
@@ -723,6 +769,14 @@ def test_cache_reused_and_invalidated(tmp_path, tok, qa_dir, monkeypatch):
     os.utime(qa_dir / "train.jsonl", ns=(1, 1))  # the source changed
     assert build_loader(cfg, tok, "train").data.directory != first and len(calls) == 2
     assert not [p for p in os.listdir(tmp_path / "cache") if ".tmp-" in p]  # temp dirs renamed or removed
+
+
+def test_damaged_cache_is_a_clear_error(tmp_path, tok, qa_dir):
+    loader = build_loader(cfg_for(tmp_path, qa_dir), tok, "train")
+    tokens = Path(loader.data.directory) / "tokens.bin"
+    tokens.write_bytes(tokens.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"token cache {loader.data.directory} is damaged .*delete that directory"):
+        build_loader(cfg_for(tmp_path, qa_dir), tok, "train")
 
 
 def test_parallel_build_equals_serial(tmp_path, tok, qa_dir, monkeypatch):
