@@ -55,11 +55,11 @@ import multiprocessing
 import os
 import queue
 import random
-import tempfile
 import shutil
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -145,7 +145,8 @@ def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok:
     train split only: validating or evaluating on it would measure the training data."""
     if not path:
         raise ValueError(f"{what} is empty: set it to a .jsonl file, a directory or hg://org/name")
-    if path.startswith("hg://"):
+    hub = path.startswith("hg://")
+    if hub:
         path = hub_snapshot(path, what)
     if os.path.isfile(path):
         if split == train_split:
@@ -163,13 +164,13 @@ def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok:
         files = sorted({os.path.abspath(f) for p in patterns for f in glob.glob(os.path.join(path, p), recursive=True)})
         if not files:
             continue
-        # Both would be read, each example twice: the same split in two formats, or a Hub dataset's configs
-        # (hg://openai/gsm8k holds main/ and socratic/, the same questions with two answer styles).
-        if len(kinds := {f.rsplit(".", 1)[1] for f in files}) > 1:
-            raise ValueError(f"{what} {path}: split '{split}' is there as {' and '.join(sorted(kinds))} files; "
-                             "keep one format")
+        # Both would be read, each example twice: <split>.jsonl beside <split>.parquet, or a Hub dataset's configs
+        # (hg://openai/gsm8k holds main/ and socratic/, the same questions with two answer styles; a local directory
+        # may hold shards or languages in subdirectories, which are read together).
+        if level == 0 and len(files) > 1:
+            raise ValueError(f"{what} {path}: split '{split}' is there as {' and '.join(files)}; keep one")
         dirs = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
-        if level == 2 and len(dirs) > 1:
+        if hub and level == 2 and len(dirs) > 1:
             raise ValueError(f"{what} {path}: split '{split}' files in {len(dirs)} subdirectories ({', '.join(dirs[:4])})"
                              f", usually the dataset's configs: point {what} at one (e.g. {path.rstrip('/')}/{dirs[0]},"
                              " or hg://org/name/<config>), or list them in dataset.sources")
@@ -420,9 +421,10 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
     """Tokenize `files` into out_dir (written to a temp dir, renamed into place when complete)."""
     global _WORKER
     t0 = time.time()
-    # unique even between nodes sharing the cache dir (equal pids in containers, random seeded alike by train.py)
-    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir) or ".", prefix=os.path.basename(out_dir) + ".tmp-")
+    # unique even between nodes sharing the cache dir (equal pids in containers, `random` seeded alike by train.py);
+    # makedirs keeps the umask's permissions (mkdtemp's 0700 would lock other users out of a shared cache)
+    tmp = f"{out_dir}.tmp-{uuid.uuid4().hex}"
+    os.makedirs(tmp)
     workers = cfg.num_workers or min(os.cpu_count() or 1, 8)
     drops, messages, lengths, num_read, label_tokens, max_id, no_stop = Counter(), [], [0], 0, 0, 0, 0
     _WORKER = (cfg, tokenizer)
@@ -488,6 +490,8 @@ class TokenizedData:
             n = int(self.offsets[-1])
             self.tokens = np.memmap(os.path.join(directory, "tokens.bin"), np.uint32, "r", shape=(n,))
             self.mask = np.memmap(os.path.join(directory, "mask.bin"), np.uint8, "r", shape=(n,))
+        except PermissionError:
+            raise
         except (OSError, ValueError, IndexError) as e:  # a cache damaged after it was built (truncated, deleted)
             raise ValueError(f"token cache {directory} is damaged ({type(e).__name__}: {e}): delete that directory "
                              "and it is rebuilt") from None

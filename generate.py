@@ -78,16 +78,15 @@ def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
     top_k most likely tokens (0 = all), then of those the nucleus (Holtzman et al. 2019): the smallest set of most
     likely tokens whose renormalized probability reaches top_p."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_k <= 0 and top_p >= 1.0:
-        return probs
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    if top_k > 0:
-        sorted_probs[:, top_k:] = 0.0
+    if 0 < top_k < probs.size(-1):  # tokens tied with the k-th stay, as in transformers' TopKLogitsWarper
+        probs = probs.masked_fill(probs < probs.topk(top_k, dim=-1).values[:, -1:], 0.0)
     if top_p < 1.0:
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
         kept = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
         # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
         sorted_probs[kept.cumsum(dim=-1) - kept >= top_p] = 0.0
-    return torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
+        probs = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
+    return probs
 
 
 CACHE_MULTIPLE = 256  # compile=True: KV cache lengths round up to this, so prompts of other lengths reuse the graph
@@ -358,8 +357,9 @@ def _run_tokenizer(model_dir: Path) -> tuple[str, str | None] | None:
     """(tokenizer path, chat_format) that train.py used for this checkpoint or export, if known."""
     if (model_dir / "trainer_state.pt").is_file():
         cfg = torch.load(model_dir / "trainer_state.pt", weights_only=False)["config"]
-    elif model_dir.name == "hf" and (model_dir.parent / "config.yaml").is_file():  # <run>/hf: the run's config
-        import yaml
+    elif (model_dir.parent / "config.yaml").is_file() and any((model_dir.parent / f).exists()
+                                                               for f in ("metrics.jsonl", "checkpoints")):
+        import yaml  # an export inside a train.py output directory (<run>/hf, <run>/hf_step300): the run's config
         cfg = yaml.safe_load(open(model_dir.parent / "config.yaml"))
     else:
         return None
@@ -423,12 +423,15 @@ def main(argv=None):
         parser.error("give exactly one of --prompt TEXT or --gsm8k FILE")
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size, --max-new-tokens and --limit must be >= 1")
-    # options of the other mode would be ignored: an error rather than a run that is not what was asked
-    other = ["--temperature", "--top-k", "--top-p", "--seed"] if args.gsm8k else ["--limit", "--output", "--batch-size"]
-    given = [o for o in other if getattr(args, o[2:].replace("-", "_")) != parser.get_default(o[2:].replace("-", "_"))]
+    # options that would be ignored are errors, not a run that is not what was asked
+    sampling = ("--temperature", "--top-k", "--top-p", "--seed")
+    ignored = {o: "--gsm8k (greedy evaluation)" for o in sampling} if args.gsm8k else \
+        {**{o: "--prompt" for o in ("--limit", "--output", "--batch-size")},
+         **({o: "greedy decoding (--temperature 0)" for o in sampling[1:]} if args.temperature == 0 else {})}
+    given = [f"{o} does not apply to {why}" for o, why in ignored.items()
+             if getattr(args, o[2:].replace("-", "_")) != parser.get_default(o[2:].replace("-", "_"))]
     if given:
-        parser.error(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to "
-                     f"{'--gsm8k (greedy evaluation)' if args.gsm8k else '--prompt'}")
+        parser.error("; ".join(given))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))

@@ -187,12 +187,12 @@ def _merge(obj, d: dict, where: str, prefix: str = ""):
             setattr(obj, k, _coerce(prefix + k, hints[k], v))
 
 
-def _yaml(text: str, where: str):
+def _yaml(text: str, where: str, in_file: bool = True):
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:  # a one-line error with the file and line, not a parser traceback
         mark = getattr(e, "problem_mark", None)
-        at = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None and where[:8] != "override" else ""
+        at = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None and in_file else ""
         raise ValueError(f"{where}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
@@ -217,7 +217,7 @@ def load_config(argv: list[str]) -> "Config":
         if not eq or not key:
             raise ValueError(f"bad override {arg!r}: expected section.key=value")
         *parents, leaf = key.split(".")
-        d = {leaf: _yaml(val, f"override {arg!r}")}
+        d = {leaf: _yaml(val, f"override {arg!r}", in_file=False)}
         for p in reversed(parents):
             d = {p: d}
         _merge(cfg, d, f"override {arg!r}")
@@ -434,22 +434,38 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_loader, 
     return final
 
 
+ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "tie_embeddings",
+               "qk_norm", "model_type")  # the ModelArgs fields that decide the weights' shapes and meaning
+
+
+def mark_done(ckpt: Path):
+    """Record in a checkpoint's trainer state that its run's end-of-run work (validation, evaluation) is done."""
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    torch.save({**state, "done": True}, ckpt / "trainer_state.pt.tmp")
+    os.replace(ckpt / "trainer_state.pt.tmp", ckpt / "trainer_state.pt")
+
+
 def load_checkpoint(path: Path, model, optimizer, train_loader) -> dict:
     """Restore model, optimizer, loader and RNG; DCP reshards, so the world size may differ from the writer's.
     Returns the trainer state: step, loader, model_args, config (as resolved by the run that wrote it), dtype."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file (loader state, config)
     theirs, ours = trainer_state["model_args"], asdict(model.args)
-    changed = [f"{k} {theirs[k]} -> {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
-    if changed:  # DCP would fail on the first tensor of another shape, in a long traceback, or load equal shapes
-        raise ValueError(f"{path} holds another model ({', '.join(changed)}): resume it with the model it was trained "
+    changed = [k for k in ours if k in theirs and theirs[k] != ours[k]]
+    if shape := [f"{k} {theirs[k]} -> {ours[k]}" for k in changed if k in ARCH_FIELDS]:
+        # DCP would fail on the first tensor of another shape in a long traceback, or load equal shapes silently
+        raise ValueError(f"{path} holds another model ({', '.join(shape)}): resume it with the model it was trained "
                          "with, or start a fresh run in another checkpoint.dir")
+    if changed:  # e.g. max_seq_len or RoPE scaling for a longer context: the weights fit, the new values apply
+        diff = ", ".join(f"{k} {theirs[k]} -> {ours[k]}" for k in changed)
+        print0(f"note: model settings differ from the checkpoint's ({diff}): the new ones apply")
+    # before the weights: a refused loader state should not cost a 70B load first
+    train_loader.load_state_dict(trainer_state["loader"])
     model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes empty AdamW state so it has a layout
     state = {"model": model_sd, "optim": optim_sd}
     with quiet_single_process_dcp():
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    train_loader.load_state_dict(trainer_state["loader"])
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():  # absent when resuming at a larger world size: the seed-derived state stays
         rng = torch.load(rng_file, weights_only=False)
@@ -507,6 +523,19 @@ def load_checkpoint_model(ckpt_dir) -> tuple[torch.nn.Module, dict]:
     return model, state
 
 
+def source_model_dir(path: str) -> Path | None:
+    """The pretrained model's local directory, for its generation_config.json: a local path as is; for hg:// only
+    what the Hub cache already holds (an export must not download a whole model, nor fail offline)."""
+    if not path or not path.startswith("hg://"):
+        return Path(path) if path else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache("/".join(path[5:].strip("/").split("/")[:2]), "generation_config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def export_checkpoint(ckpt_dir: str, out_dir: str):
     """`python train.py --export CKPT_DIR OUT_DIR`: a saved checkpoint (or a run directory's newest) -> an HF
     directory, in one process."""
@@ -517,8 +546,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str):
     tok_cfg, model_cfg = state["config"]["tokenizer"], state["config"]["model"]
     tok = load_tokenizer(tok_cfg["path"] or model_cfg["path"], tok_cfg["chat_format"])
     dtype = export_dtype(state["config"]["checkpoint"].get("export_dtype", "auto"), state.get("dtype", "float32"))
-    export_hf(model, model.args, tok, Path(out_dir), dtype,
-              resolve_path(model_cfg["path"], "model.path") if model_cfg["path"] else None)
+    export_hf(model, model.args, tok, Path(out_dir), dtype, source_model_dir(model_cfg["path"]))
 
 
 def load_eval_examples(cfg: Config) -> list[dict]:
@@ -574,7 +602,8 @@ def trim_metrics(path: Path, last_step: int) -> int:
             return False
     kept = [line for line in lines if keep(line)]
     if len(kept) < len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
+        path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(path.with_suffix(".tmp"), path)
     return len(lines) - len(kept)
 
 
@@ -785,12 +814,13 @@ def train(cfg: Config) -> dict:
     step, resumed = 0, None
     ckpts = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
     if ckpts:
+        # The optimizer state carries the checkpoint's hyperparameters; this run's config wins (lr: get_lr, each step).
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         resumed = load_checkpoint(ckpts[-1], model, optimizer, train_loader)
+        for g, h in zip(optimizer.param_groups, hyper):
+            g.update(h)
         step = resumed["step"]
         print0(f"resumed from {ckpts[-1]} at step {step}")
-        # The optimizer state carries the checkpoint's hyperparameters; this run's config wins (lr: get_lr, each step).
-        for g, wd in zip(optimizer.param_groups, (cfg.optimizer.weight_decay, 0.0)):  # build_optimizer's 2 groups
-            g.update(betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, weight_decay=wd)
     if cfg.regime.num_data_epochs:
         # fairseq2's num_data_epochs: num_steps and the epochs are both limits, the earlier one ends the run, and
         # the lr schedule spans the steps actually run. A step takes world x grad_accum of the global batches; what is
@@ -819,7 +849,8 @@ def train(cfg: Config) -> dict:
                    "come from the checkpoint (model.path initializes a fresh run only)")
         if step >= cfg.regime.num_steps:
             print0(f"note: the checkpoint is at step {step} and regime.num_steps={cfg.regime.num_steps}: nothing left "
-                   "to train (raise regime.num_steps to continue)")
+                   "to train (raise regime.num_steps to continue)" + ("; its final validation and evaluation ran "
+                   "already" if resumed.get("done") else ""))
     if cfg.lr_scheduler.warmup_steps >= cfg.regime.num_steps:
         print0(f"note: lr_scheduler.warmup_steps={cfg.lr_scheduler.warmup_steps} >= the run's {cfg.regime.num_steps} "
                f"steps: the lr never reaches optimizer.lr={cfg.optimizer.lr}")
@@ -941,6 +972,8 @@ def train(cfg: Config) -> dict:
                 path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, {**extra, "done": last},
                                        cfg.regime.keep_last_n_checkpoints)
                 print0(f"step {step}: saved checkpoint {path}")
+            elif end and is_master:  # the end work of a run stopped before it, done now: not again at a relaunch
+                mark_done(ckpts[-1])
             if last:
                 break
             reset_peak_memory(device)  # the logged memory is the training step's, not a validation's or evaluation's
@@ -1006,7 +1039,7 @@ def train(cfg: Config) -> dict:
 
 
     # --- final export
-    if cfg.checkpoint.export_hf and not result.get("stopped") and (step > start_step or not (out_dir / "hf").is_dir()):
+    if cfg.checkpoint.export_hf and not result.get("stopped"):
         export_hf(model, args, tok, out_dir / "hf", export_dtype(cfg.checkpoint.export_dtype, str(dtype)), model_dir)
     result["step"] = step
     if metrics_file:

@@ -16,8 +16,8 @@ Cases, in this order (each in try/except; a case that would not fit the remainin
         Document lengths: (prompt, response) pairs of 256 real GSM8K train examples under the Llama 3.2 tokenizer,
         embedded in bench/common.py (no data files needed).
   llama_cpu / qwen3_cpu    bench/train_step.py's shapes (vocab 128,256 / 151,936), the same 8 x 512 batch for both.
-  packed4096x2             packed4096 for ours only at twice --budget per step (the optimizer step and the per-step
-        overheads spread over twice the tokens, as grad_accum 2 would): how MFU depends on tokens per step.
+  packed4096x2             packed4096 for ours only at twice --budget per step, one micro-batch (the optimizer step and
+        the per-step overheads spread over twice the tokens): how MFU depends on tokens per step.
   fsdp4096                 packed4096 for ours only, with FSDP2 on its one rank (MixedPrecisionPolicy bf16 over fp32):
         what each rank of a multi-GPU run does, beside train.py's one-GPU autocast path.
   same4096                 1B, the same 2 x 4096 batch for both (plain causal rows: kernels + loss head only).
@@ -468,8 +468,8 @@ def main():
         margs_1b.vocab_size = 2048
     cases = args.cases.split(",")
     # Rough cost of each case in seconds on an H100 (compile included), to skip what cannot finish in time.
-    cost = {"packed4096": 130, "packed4096x2": 50, "packed2048": 120, "fsdp4096": 60, "llama_cpu": 45, "qwen3_cpu": 45, "same4096": 80,
-            "generate": 90}  # packed: ours, HF padded, HF packed; generate: eager, compiled (CUDA graphs) and HF
+    cost = {"packed4096": 130, "packed4096x2": 50, "packed2048": 120, "fsdp4096": 60, "llama_cpu": 45, "qwen3_cpu": 45,
+            "same4096": 80, "generate": 90}  # packed: ours, HF padded, HF packed; generate: eager, compiled (CUDA graphs) and HF
     results = []
     for case in cases:
         if case not in cost:

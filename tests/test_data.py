@@ -208,14 +208,12 @@ def test_path_kinds(tmp_path, tok):
         build_loader(cfg_for(tmp_path, tmp_path / "a" / "train.jsonl", valid_split="valid"), tok, "valid")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_loader(cfg_for(tmp_path, tmp_path / "nope"), tok, "train")
-    # a Hub dataset's configs (gsm8k: main/, socratic/) or one split in two formats would each be read twice
+    # a local directory's subdirectories are read together (shards, languages)
     write_jsonl(tmp_path / "c" / "socratic" / "train-00000-of-00001.jsonl", rows)
-    with pytest.raises(ValueError, match=r"split 'train' files in 2 subdirectories \(main, socratic\), usually the "
-                                         r"dataset's configs: point dataset.path at one"):
-        build_loader(cfg_for(tmp_path, tmp_path / "c"), tok, "train")
-    assert len(build_loader(cfg_for(tmp_path, tmp_path / "c" / "main"), tok, "train").data) == 12
+    assert len(build_loader(cfg_for(tmp_path, tmp_path / "c"), tok, "train").data) == 24
+    # one split in two formats side by side would be read twice
     (tmp_path / "a" / "train.parquet").write_bytes(b"")
-    with pytest.raises(ValueError, match="split 'train' is there as jsonl and parquet files; keep one format"):
+    with pytest.raises(ValueError, match=r"split 'train' is there as .*train.jsonl and .*train.parquet; keep one"):
         build_loader(cfg_for(tmp_path, tmp_path / "a"), tok, "train")
 
 
@@ -251,6 +249,12 @@ def test_hub_dataset_from_offline_cache(tmp_path, tok, monkeypatch):
         build_loader(cfg_for(tmp_path, "hg://org/missing"), tok, "train")
     with pytest.raises(ValueError, match="hg://org"):
         build_loader(cfg_for(tmp_path, "hg://org"), tok, "train")
+    # a Hub dataset's configs (gsm8k: main/, socratic/) would be read together, each question twice
+    write_jsonl(snapshot / "socratic" / "train-00000-of-00001.jsonl", qa_rows(7))
+    with pytest.raises(ValueError, match=r"split 'train' files in 2 subdirectories \(main, socratic\), usually the "
+                                         r"dataset's configs: point dataset.path at one"):
+        build_loader(cfg_for(tmp_path, "hg://org/name"), tok, "train")
+    assert len(build_loader(cfg_for(tmp_path, "hg://org/name/socratic"), tok, "train").data) == 7
 
 
 def test_parquet(tmp_path, tok):

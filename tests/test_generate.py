@@ -177,6 +177,11 @@ def test_sampling_probs_match_transformers_warpers():
         torch.testing.assert_close(got[ok], want[ok], atol=1e-6, rtol=1e-4)
         checked += int(ok.sum())
     assert checked > 590
+    # ties with the k-th token stay (bf16 logits tie often)
+    tied = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0]])
+    assert (gen.sampling_probs(tied, 1.0, top_k=2) > 0).tolist() == [[True, True, True, True, False, False]]
+    want = torch.softmax(generation.TopKLogitsWarper(2)(None, tied.clone()), dim=-1)
+    torch.testing.assert_close(gen.sampling_probs(tied, 1.0, top_k=2) / gen.sampling_probs(tied, 1.0, top_k=2).sum(), want)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -537,8 +542,10 @@ def test_cli(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
     for bad, msg in [(["--prompt", "x", "--batch-size", "0"], "must be >= 1"),
                      (["--prompt", "x", "--device", "cuda"], "sees no CUDA GPU"),
                      ([*gsm, "--limit", "-1"], "must be >= 1"),
-                     ([*gsm, "--temperature", "0.7", "--seed", "3"], "--temperature, --seed do not apply to --gsm8k"),
-                     (["--prompt", "x", "--output", "p.jsonl"], "--output does not apply to --prompt")]:
+                     ([*gsm, "--temperature", "0.7", "--seed", "3"],
+                      "--temperature does not apply to --gsm8k (greedy evaluation); --seed does not apply to --gsm8k"),
+                     (["--prompt", "x", "--output", "p.jsonl"], "--output does not apply to --prompt"),
+                     (["--prompt", "x", "--top-p", "0.9"], "--top-p does not apply to greedy decoding (--temperature 0)")]:
         if "--device" in bad and torch.cuda.is_available():
             continue
         with pytest.raises(SystemExit):
@@ -582,11 +589,16 @@ def test_load_training_outputs(tmp_path):
     assert gen.generate(loaded, [prompt], 8, stop_ids=[]) == expected
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         gen.resolve_model_dir(tmp_path / "run" / "checkpoints" / "step_00000003.tmp")
-    # a YAML beside an HF directory that is not a train.py export (or not a run config) is not read as one
-    for sub, text in [("other/model", yaml.safe_dump(run_cfg)), ("notes/hf", "- just\n- a list\n"),
-                      ("misc/hf", "foo: 1\n")]:
+    # any export inside the run directory (train.py --export RUN/checkpoints/step_N RUN/hf_step2) finds its config
+    model_lib.save_hf(model, model.args, tmp_path / "run" / "hf_step2")
+    assert gen.load_model(tmp_path / "run" / "hf_step2")[1].vocab_size == 261
+    # a YAML beside an HF directory outside a train.py output directory, or not a run config, is not read as one
+    for sub, text, run_dir in [("other/model", yaml.safe_dump(run_cfg), False), ("notes/hf", "- just\n- a list\n", True),
+                               ("misc/hf", "foo: 1\n", True)]:
         model_lib.save_hf(model, model.args, tmp_path / sub)
         (tmp_path / sub).parent.joinpath("config.yaml").write_text(text)
+        if run_dir:
+            (tmp_path / sub).parent.joinpath("metrics.jsonl").write_text("")
         with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
             gen.load_model(tmp_path / sub)
 

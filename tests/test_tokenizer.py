@@ -234,7 +234,8 @@ def test_ignore_merges_as_the_tokenizer_json_says(llama, llama3_tokenizer_dir, t
     (tmp_path / "true").mkdir()
     j["model"]["ignore_merges"] = True
     (tmp_path / "true" / "tokenizer.json").write_text(json.dumps(j))
-    for path, ours_model_equal in [(llama3_tokenizer_dir / "tokenizer.json", False), (tmp_path / "true" / "tokenizer.json", True)]:
+    for path, ours_model_equal in [(llama3_tokenizer_dir / "tokenizer.json", False),
+                                   (tmp_path / "true" / "tokenizer.json", True)]:
         hf, ours = HFTokenizer.from_file(str(path)), load_tokenizer(path)
         want = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
         assert [ours.encode(t) for t in texts] == want and ours.encode_batch(texts) == want, path

@@ -647,7 +647,7 @@ def test_sigkill_during_checkpoint_then_resume_is_bit_identical(tiny_data, tmp_p
         assert torch.equal(x, y), k
 
 
-def test_errors_found_when_the_model_is_known(tiny_data, tmp_path, capsys):
+def test_errors_found_when_the_model_is_known(tiny_data, tmp_path, capsys, monkeypatch):
     """Checks that need the model (or the world size) before any step: the data's max_seq_len against the model's
     context; dp_replicate without torchrun; a checkpoint of another architecture (one line, not DCP's traceback)."""
     cfg = tiny_cfg(tiny_data, tmp_path / "out", dataset={"valid_split": "", "max_seq_len": 70000, "batch_size": 0,
@@ -669,9 +669,30 @@ def test_errors_found_when_the_model_is_known(tiny_data, tmp_path, capsys):
     cfg = tiny_cfg(tiny_data, tmp_path / "val", regime={"num_steps": 2})
     train_in_process(cfg, tmp_path)
     train_in_process(cfg, tmp_path)
-    assert "nothing left to train" in capsys.readouterr().out
+    assert "nothing left to train (raise regime.num_steps to continue); its final validation and evaluation ran " \
+        "already" in capsys.readouterr().out
     vals = [r for r in map(json.loads, (tmp_path / "val" / "metrics.jsonl").open()) if "val_loss" in r]
     assert [r["step"] for r in vals] == [2]
+    # a setting that leaves the weights' shapes (another context length) is a note, not a refusal
+    import dataclasses
+    monkeypatch.setitem(M.PRESETS, "tiny_llama", dataclasses.replace(M.get_preset("tiny_llama"), max_seq_len=32768))
+    cfg["regime"]["num_steps"] = 3
+    assert train_in_process(cfg, tmp_path)["step"] == 3
+    assert "note: model settings differ from the checkpoint's (max_seq_len 65536 -> 32768): the new ones apply" in \
+        capsys.readouterr().out
+
+
+def test_stop_in_the_last_step_does_the_end_work_once_at_the_relaunch(tiny_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the last step checkpoints it before the final validation: the relaunch validates (once), marks
+    the checkpoint done, and a further relaunch does not validate again."""
+    monkeypatch.setattr(train, "get_lr", get_lr_then_ctrl_c)  # Ctrl-C while step 3 (the last) trains
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", regime={"num_steps": 3})
+    assert train_in_process(cfg, tmp_path)["stopped"]
+    monkeypatch.setattr(train, "get_lr", LR)
+    for _ in range(2):
+        assert train_in_process(cfg, tmp_path)["step"] == 3
+    vals = [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").open()) if "val_loss" in r]
+    assert vals == [3], vals
 
 
 def test_nonfinite_loss_stops_or_skips(tiny_data, tmp_path):
