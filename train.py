@@ -723,7 +723,7 @@ def train(cfg: Config) -> dict:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ImportError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-    # C: settings that would silently do nothing
+    # settings that would silently do nothing
     if cfg.regime.validate_every_n_steps and not cfg.dataset.valid_split:
         print0(f"note: regime.validate_every_n_steps={cfg.regime.validate_every_n_steps} does nothing without "
                "dataset.valid_split")
