@@ -32,9 +32,10 @@ example is never kept with 0 supervised tokens.
 Cache: <cache_dir or ~/.cache/sft/data>/<name>-<split>-<hash>/{tokens.bin uint32, mask.bin uint8, offsets.bin
 int64 (n+1), meta.json}. The hash covers the source files (path, size, mtime), the tokenizer (its `fingerprint`
 attribute, else class name, vocab size, special ids, chat format, the ids of a probe text and chat, and the bytes of
-tokenizer.files) and the encoding options; batching options are not in it (batches are planned at start-up). The
-node-local rank 0 builds it with forked worker processes into a temp dir renamed into place when complete; the
-other ranks wait at a torch.distributed barrier.
+tokenizer.files) and the encoding options (max_seq_len among them: it decides drops and truncation); the other
+batching options are not in it (batches are planned at start-up). The node-local rank 0 builds it with forked worker
+processes into a temp dir renamed into place when complete; the other ranks wait at a torch.distributed barrier
+(and get the builder's error, if any).
 
 Batching, per epoch, GLOBAL (from seed and epoch only): packing (default): best-fit-decreasing into rows of
 max_seq_len with per-document positions and doc_ids (the model's document mask keeps attention inside a
@@ -181,7 +182,7 @@ def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok:
                             f"or **/{split}-*.jsonl (or .parquet)")
 
 
-def hub_snapshot(url: str, what: str = "dataset.path", repo_type: str = "dataset") -> str:
+def hub_snapshot(url: str, what: str = "dataset.path", repo_type: str = "dataset", tokenizer_only: bool = False) -> str:
     """hg://org/name[/subdir] -> the local snapshot dir of that Hub repo (downloaded, or from the HF cache;
     HF_HUB_OFFLINE honoured). train.py fetches models and tokenizers with it too (repo_type "model")."""
     parts = url[len("hg://"):].strip("/").split("/")
@@ -192,9 +193,14 @@ def hub_snapshot(url: str, what: str = "dataset.path", repo_type: str = "dataset
     except ImportError:
         raise ImportError(f"{what} {url} needs huggingface_hub: pip install huggingface_hub") from None
     repo_id = "/".join(parts[:2])
-    patterns = ["*.jsonl", "*.parquet"] if repo_type == "dataset" else None
+    # only what we read: data files; a model's safetensors and configs (not Meta's original/ copy of the weights nor
+    # other frameworks' formats, which can double a download); for a tokenizer alone, its small files
+    allow = ["*.jsonl", "*.parquet"] if repo_type == "dataset" else \
+        ["*.json", "*.model", "*.txt", "*.jinja"] if tokenizer_only else None
+    ignore = ["original/*", "*.bin", "*.pth", "*.pt", "*.gguf", "*.h5", "*.msgpack", "*.onnx*"] \
+        if repo_type == "model" else None
     try:
-        root = snapshot_download(repo_id=repo_id, repo_type=repo_type, allow_patterns=patterns)
+        root = snapshot_download(repo_id=repo_id, repo_type=repo_type, allow_patterns=allow, ignore_patterns=ignore)
     except Exception as e:  # offline without a cached snapshot, gated or missing repo, network errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FileNotFoundError(f"{what} {url}: cannot get Hub {repo_type} {repo_id} "

@@ -251,7 +251,8 @@ def validate(cfg: Config):
     check(bool(ds.path or ds.sources), "dataset.path is required (a .jsonl file, a directory or hg://org/name), "
                                        "or dataset.sources (a list of {path, weight, ...})")
     if ds.path and not ds.generate_demo and not ds.path.startswith("hg://") and not Path(ds.path).exists():
-        raise FileNotFoundError(f"dataset.path not found: {ds.path} (dataset.generate_demo=true writes demo data there)")
+        raise FileNotFoundError(f"dataset.path not found: {ds.path} (relative paths start at the current directory; "
+                                "override it: dataset.path=/data/gsm8k)")
     data.check_config(ds)  # batching options (e.g. max_num_tokens < max_seq_len)
     check(r.num_steps >= 1, f"regime.num_steps must be >= 1, got {r.num_steps}")
     check(r.num_data_epochs >= 0, f"regime.num_data_epochs must be >= 0 (0 = off), got {r.num_data_epochs}")
@@ -315,9 +316,10 @@ def resolve_path(path: str, what: str) -> Path:
     """A local path as is; hg://org/name through huggingface_hub (local rank 0 downloads, the others reuse its cache)."""
     if not path.startswith("hg://"):
         return Path(path)
-    local = data.hub_snapshot(path, what, repo_type="model") if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None
+    fetch = lambda: data.hub_snapshot(path, what, "model", tokenizer_only=what == "tokenizer.path")  # noqa: E731
+    local = fetch() if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None
     barrier()
-    return Path(local or data.hub_snapshot(path, what, repo_type="model"))
+    return Path(local or fetch())
 
 
 def load_tokenizer(path: str, chat_format: str):
@@ -557,8 +559,15 @@ def load_eval_examples(cfg: Config) -> list[dict]:
     if e.split.endswith(".jsonl"):
         groups = [(ds, [e.split])]
     elif ds.sources:
-        groups = [(s.cfg, files) for s in data.source_configs(ds)
-                  if (files := data.resolve_files(s.cfg.path, e.split, f"{s.where}.path", True, s.cfg.train_split))]
+        groups, missing = [], []
+        for s in data.source_configs(ds):
+            files = data.resolve_files(s.cfg.path, e.split, f"{s.where}.path", True, s.cfg.train_split)
+            if files:
+                groups.append((s.cfg, files))
+            else:
+                missing.append(s.name)
+        if missing and groups:
+            print0(f"evaluation.split={e.split}: sources without it, skipped: {', '.join(missing)}")
         if not groups:
             raise FileNotFoundError(f"evaluation.split={e.split}: no entry of dataset.sources has a '{e.split}' split; "
                                     "set evaluation.split to a split one has, or to a .jsonl path")
@@ -911,16 +920,18 @@ def train(cfg: Config) -> dict:
     result = {"step": step, "val_loss": None, "eval": None}
     model.train()
     train_iter = iter(train_loader)
-    window = dict.fromkeys(("tokens", "labels", "padded", "flops", "steps", "finite", "loss", "time"), 0)  # since the last log
+    # since the last log; loss: summed over the supervised tokens of the steps with a finite loss (loss_labels)
+    window = dict.fromkeys(("tokens", "labels", "padded", "flops", "steps", "loss", "loss_labels", "time"), 0)
     start_step, train_time = step, 0.0  # train_time: seconds in training steps (no eval / checkpoint), for the ETA
     prof = None  # a torch.profiler run over trainer.profile_steps
     stop = False
 
     def log_window():
-        """Publish the means over the steps since the last record (the loss over those with a finite one)."""
+        """Publish the means over the steps since the last record (the loss per supervised token of those with a
+        finite one)."""
         nonlocal window
         dt = window["time"]
-        rec = {"step": step, "loss": window["loss"] / window["finite"] if window["finite"] else math.nan, "lr": lr,
+        rec = {"step": step, "loss": window["loss"] / window["loss_labels"] if window["loss_labels"] else math.nan, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": window["tokens"] / dt, "label_tokens_per_s": window["labels"] / dt,
                "padding": 1 - window["tokens"] / max(1, window["padded"]), "memory_gb": memory_gb(device)}
         peak = peak_flops(device)
@@ -1031,9 +1042,9 @@ def train(cfg: Config) -> dict:
                 window[k] += v
             window["steps"] += 1
             window["time"] += dt
-            if finite:
-                window["finite"] += 1
-                window["loss"] += loss_val
+            if finite:  # loss_val is the step's mean per supervised token: weighted back by its count
+                window["loss"] += loss_val * n[0]
+                window["loss_labels"] += n[0]
             if step % cfg.regime.publish_metrics_every_n_steps == 0 or step == num_steps:
                 log_window()
 
