@@ -682,6 +682,22 @@ def test_errors_found_when_the_model_is_known(tiny_data, tmp_path, capsys, monke
         capsys.readouterr().out
 
 
+def test_logged_loss_is_per_supervised_token_over_the_window(tiny_data, tmp_path):
+    """A record every 2 steps holds the loss per supervised token of both steps (steps weighted by their counts),
+    from the same run logged every step (bit-identical on CPU) and the loader's label counts."""
+    every = tiny_cfg(tiny_data, tmp_path / "every", dataset={"valid_split": ""})
+    train_in_process(every, tmp_path, "every.yaml")
+    pairs = tiny_cfg(tiny_data, tmp_path / "pairs", dataset={"valid_split": ""},
+                     regime={"publish_metrics_every_n_steps": 2})
+    train_in_process(pairs, tmp_path, "pairs.yaml")
+    cfg = train.load_config([write_cfg(every, tmp_path / "every.yaml")])
+    loader = data.build_loader(cfg.dataset, train.load_tokenizer("byte", ""), "train", seed=cfg.trainer.seed)
+    n = [next(loader).num_label_tokens for _ in range(4)]
+    step = losses(tmp_path / "every")
+    want = {k: (step[k - 1] * n[k - 2] + step[k] * n[k - 1]) / (n[k - 2] + n[k - 1]) for k in (2, 4)}
+    assert len(set(n)) > 1 and losses(tmp_path / "pairs") == pytest.approx(want, rel=1e-6)
+
+
 def test_stop_in_the_last_step_does_the_end_work_once_at_the_relaunch(tiny_data, tmp_path, monkeypatch, capsys):
     """Ctrl-C during the last step checkpoints it before the final validation: the relaunch validates (once), marks
     the checkpoint done, and a further relaunch does not validate again."""
