@@ -1000,7 +1000,10 @@ def train(cfg: Config) -> dict:
             flops = sum(b.num_tokens * model_lib.flops_per_token(args, b.doc_len_sq / max(b.num_tokens, 1))
                         for b in batches)
             counts = torch.tensor([sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
-                                   sum(b.tokens.numel() for b in batches), flops], device=device, dtype=torch.float64)
+                                   sum(b.tokens.numel() for b in batches), flops], dtype=torch.float64)
+            # from pinned memory without a host sync: the CPU queues this step's forward while the GPU still runs the
+            # last optimizer step (a plain host->GPU copy would wait for it)
+            counts = counts.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else counts
             all_reduce_sum(counts)
             n_labels = counts[0].clamp(min=1).float()  # guard: a step with no supervised token has loss 0
             loss_sum = torch.zeros((), device=device)
