@@ -533,7 +533,7 @@ def _barrier_sharing_errors(error: Exception | None):
     dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
-    failed = next((i, e) for i, e in enumerate(errors) if e is not None) if any(errors) else None
+    failed = next(((i, e) for i, e in enumerate(errors) if e is not None), None)
     if failed:
         raise ValueError(f"rank {failed[0]} could not build the dataset: {failed[1]}")
 
@@ -931,12 +931,15 @@ class Loader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
                 "batches_per_epoch": self.batches_per_epoch, "examples_per_epoch": len(self.data),
-                "mixture": self._mixture(), "batching": {k: getattr(self.cfg, k) for k in BATCH_OPTIONS}}
+                "mixture": self._mixture(), "batching": self._batching()}
 
     def _mixture(self) -> list:
         # [name, weight, examples per epoch] of each source: weights swapped between sources of equal size, or
         # sources reordered (the picks are seeded by position), keep the totals but not the data
         return [[s["name"], s["weight"], s["count"]] for s in self.data.meta.get("sources", [])]
+
+    def _batching(self) -> dict:
+        return {k: getattr(self.cfg, k) for k in BATCH_OPTIONS}
 
     def load_state_dict(self, sd: dict) -> None:
         mine = (self.seed, self.batches_per_epoch, len(self.data))
@@ -946,7 +949,7 @@ class Loader:
                              f"epoch) does not match this loader (seed {mine[0]}, {mine[1]} batches, {mine[2]} "
                              "examples): the seed, the dataset, its weights or the batching options changed since the "
                              "checkpoint")
-        batching = {k: getattr(self.cfg, k) for k in BATCH_OPTIONS}
+        batching = self._batching()
         if changed := [f"dataset.{k}: {v} -> {batching[k]}" for k, v in sd.get("batching", batching).items()
                        if batching.get(k) != v]:  # the same batch count can hide other batches
             raise ValueError(f"data loader state: the batching options changed since the checkpoint "

@@ -685,8 +685,7 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
         if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
             raise ValueError(f"{where}: model.vocab (dict) and model.merges (list) are required")
         ranks = _bpe_from_hf(model["vocab"], model["merges"], where)
-        if not model.get("ignore_merges", False):  # HF's default: merges only, no whole-word vocab lookup
-            merges_only = True
+        merges_only = not model.get("ignore_merges", False)  # HF's default: merges only, no whole-word vocab lookup
         pattern = _pattern_from_tokenizer_json(tok_json, where)
         norm = (tok_json.get("normalizer") or {}).get("type")
         if norm not in (None, "NFC"):

@@ -467,7 +467,11 @@ def load_checkpoint(path: Path, model, optimizer, train_loader) -> dict:
     state = {"model": model_sd, "optim": optim_sd}
     with quiet_single_process_dcp():
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    # The optimizer state carries the checkpoint's hyperparameters; this run's config wins (lr: get_lr, each step).
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for g, h in zip(optimizer.param_groups, hyper):
+        g.update(h)
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():  # absent when resuming at a larger world size: the seed-derived state stays
         rng = torch.load(rng_file, weights_only=False)
@@ -637,7 +641,7 @@ def memory_gb(device: torch.device) -> float:
 @contextlib.contextmanager
 def stop_signals():
     """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before preemption) and Ctrl-C (SIGINT) ask for a checkpoint
-    at the end of the step: yields [flag, signal number], set by the handler. The ranks agree through the step's count
+    at the end of the step: yields [flag, signal number], set by the handler. The ranks agree through the step's loss
     all-reduce, so all of them stop after the same step. A second Ctrl-C quits at once, without the checkpoint. The
     handler only sets the flag: printing from it could re-enter a stdout write the signal interrupted. The previous
     handlers come back on exit, also on an error (train() may run inside a notebook)."""
@@ -823,11 +827,7 @@ def train(cfg: Config) -> dict:
     step, resumed = 0, None
     ckpts = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
     if ckpts:
-        # The optimizer state carries the checkpoint's hyperparameters; this run's config wins (lr: get_lr, each step).
-        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         resumed = load_checkpoint(ckpts[-1], model, optimizer, train_loader)
-        for g, h in zip(optimizer.param_groups, hyper):
-            g.update(h)
         step = resumed["step"]
         print0(f"resumed from {ckpts[-1]} at step {step}")
     if cfg.regime.num_data_epochs:
