@@ -784,6 +784,7 @@ def train(cfg: Config) -> dict:
                          f"the tokenizer ({tok.vocab_size} ids) does not belong to this model")
     with torch.device("meta"):
         model = model_lib.Transformer(args)
+    model.compile_loss = cfg.trainer.compile
     if cfg.trainer.activation_checkpointing == "selective" and not cfg.trainer.compile and device.type == "cuda":
         # eager blocks call flex_attention as a compiled function, whose ops the policy never sees
         print0("note: selective activation checkpointing keeps flex_attention's output (packed rows) only with "

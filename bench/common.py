@@ -293,6 +293,7 @@ def ours_model_and_optimizer(spec):
     if spec["compile"]:
         for layer in model.layers:  # per block: the repeated unit, compiled once and reused
             layer.compile()
+        model.compile_loss = True
     return model, ours_optimizer(model, fused=spec["ours_fused"])
 
 

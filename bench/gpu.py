@@ -138,6 +138,7 @@ def build_ours(margs, sd, device, mode, compile_blocks):
     if compile_blocks:
         for block in model.layers:
             block.compile()  # in place, as train.py
+        model.compile_loss = True
     if mode == "fsdp":
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
         mesh = mesh_1rank(device)

@@ -403,10 +403,11 @@ def test_packed_row_equals_documents_alone(name, flex, monkeypatch):
     assert (leaky[5:] - alone[5:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen3"])
-def test_chunked_ce_matches_full_cross_entropy(name, monkeypatch):
+@pytest.mark.parametrize("name,compile_loss", [("tiny_llama", False), ("tiny_qwen3", False), ("tiny_qwen3", True)])
+def test_chunked_ce_matches_full_cross_entropy(name, compile_loss, monkeypatch):
     monkeypatch.setattr(M, "CE_CHUNK", 7)  # several chunks and a ragged last one
     m = tiny(name).train()
+    m.compile_loss = compile_loss  # train.py's trainer.compile: ce_grad compiled (inductor's C++ backend on CPU)
     tokens = torch.randint(0, V, (2, 20))
     labels = torch.randint(0, V, (2, 20))
     labels[0, :6] = -100
@@ -423,6 +424,30 @@ def test_chunked_ce_matches_full_cross_entropy(name, monkeypatch):
         torch.testing.assert_close(g, p.grad)
 
 
+def test_compiled_ce_grad_equals_eager_and_autograd():
+    """ce_grad's two forms: eager (softmax in place over the logits, then an index_put of -1) and compiled (one
+    pointwise expression, the input left intact), against autograd through F.cross_entropy; fp32 and bf16 logits,
+    a full and a ragged chunk, no graph break."""
+    torch._dynamo.reset()
+    compiled = torch.compile(M.ce_grad, fullgraph=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (16, 5):
+            logits, y = (torch.randn(rows, 1000) * 4).to(dtype), torch.randint(0, 1000, (rows,))
+            ref_in = logits.float().requires_grad_()
+            ref = F.cross_entropy(ref_in, y, reduction="sum")
+            ref.backward()
+            before = logits.clone()
+            loss, g = compiled(logits, y)
+            assert torch.equal(logits, before)  # the compiled form ran: the eager one overwrites fp32 logits
+            eager_loss, eager_g = M.ce_grad(logits.clone(), y)
+            assert g.dtype == eager_g.dtype == dtype and loss.dtype == eager_loss.dtype == torch.float32
+            torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-3)
+            torch.testing.assert_close(eager_loss, ref.detach(), rtol=1e-5, atol=1e-3)
+            tol = {"rtol": 0, "atol": 1e-6 if dtype == torch.float32 else 4e-3}  # bf16: one rounding of a value <= 1
+            torch.testing.assert_close(g.float(), ref_in.grad, **tol)
+            torch.testing.assert_close(eager_g.float(), ref_in.grad, **tol)
+
+
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen3"])
 def test_autocast_bf16_step_runs_the_head_in_bf16_and_matches_fp32(name, monkeypatch):
     """train.py's one-rank precision (bf16 autocast over fp32 weights): the fused loss head gets bf16 inputs, cast once
@@ -432,7 +457,7 @@ def test_autocast_bf16_step_runs_the_head_in_bf16_and_matches_fp32(name, monkeyp
     seen = []
     apply = M._FusedLinearCE.apply
     monkeypatch.setattr(M._FusedLinearCE, "apply",
-                        lambda h, w, y, c: seen.append((h.dtype, w.dtype)) or apply(h, w, y, c))
+                        lambda h, w, y, c, f: seen.append((h.dtype, w.dtype)) or apply(h, w, y, c, f))
     attn_dtypes = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention",
