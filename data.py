@@ -347,7 +347,7 @@ def _encode_chunk(chunk):
         if not any(mask[1:]):
             drops["no_supervised"] += 1
             continue
-        # PITFALLS 1: a supervised span that does not end on a stop token teaches the model never to stop
+        # A supervised span that does not end on a stop token teaches the model never to stop
         # (a cut response is expected to, and is not counted). Whitespace after the stop token (chatml's "\n" after
         # <|im_end|>, supervised with train_on: all) does not count.
         last = len(mask) - 1 - mask[::-1].index(1)  # the last supervised id
@@ -1025,7 +1025,7 @@ def build_loader(cfg: DatasetConfig, tokenizer, split: str, rank=0, world_size=1
         for src in m.get("sources", []):
             print(f"  source {src['name']}: {src['kept']} examples kept x weight {src['weight']:g} = {src['count']} "
                   f"per epoch; dropped {src['drops'] or 'none'}; {src['path']}; cache {src['cache']}", flush=True)
-        if m.get("no_stop_token"):  # counted per example by the cache build (PITFALLS 1)
+        if m.get("no_stop_token"):  # counted per example by the cache build
             stops = ", ".join(tokenizer.decode([i]) for i in tokenizer.stop_ids)
             print(f"data[{split}]: WARNING: {m['no_stop_token']} of {m.get('num_kept', len(data))} examples end their "
                   f"supervised tokens on something else than a stop token ({stops}): a model trained on them does "

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 # None: flex_attention for packed rows on CUDA, SDPA + boolean mask elsewhere. True/False force it (tests run
 # the flex path on CPU, where its forward works in eager mode but its backward does not exist).
 USE_FLEX: bool | None = None
-CE_CHUNK = 1024  # supervised rows per cross-entropy chunk: 1024 x 151,936 fp32 logits = 0.6 GB live at a time
+# Supervised rows per cross-entropy chunk. Live at a time for 1024 x 151,936 logits: 0.6 GB (fp32 logits overwritten
+# by their gradient, or bf16 compiled: logits + gradient); eager bf16 also holds an fp32 copy: 1.2 GB.
+CE_CHUNK = 1024
 
 
 @dataclass
@@ -426,16 +428,17 @@ def _ce_sum(h, w, y):
 
 def ce_grad(logits, y):
     """(C, vocab) logits, (C,) targets -> (fp32 SUM of the C cross-entropies, d sum / d logits in logits' dtype).
-    Elementwise work over the whole (C, vocab) block, memory-bound: eager it is ~8 passes over fp32 logits, compiled
-    (Transformer.compile_loss) one logsumexp pass and one fused pointwise pass (3.6x faster on CPU)."""
+    fp32 logits are overwritten (they become the gradient). The work is elementwise over the whole block, so memory
+    bound: eager, ~8 passes over fp32 logits; compiled (Transformer.compile_loss), a logsumexp pass and one fused
+    pointwise pass (4-6x faster on CPU for 1024 x 128,256)."""
     z = logits.float()  # (C, vocab)
     lse = torch.logsumexp(z, dim=-1)
     loss = (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
-    if torch.compiler.is_compiling():  # softmax - onehot as one pointwise expression: inductor fuses it into one pass
-        onehot = torch.arange(z.shape[1], device=z.device) == y[:, None]
-        return loss, ((z - lse[:, None]).exp() - onehot.to(z.dtype)).to(logits.dtype)
-    p = z.sub_(lse[:, None]).exp_()  # eager: softmax in place, no second (C, vocab) temporary
-    p[torch.arange(len(y), device=p.device), y] -= 1.0
+    p = z.sub_(lse[:, None]).exp_()  # softmax, in place
+    if torch.compiler.is_compiling():  # d/d logits = softmax - onehot, the one-hot fused into the same pass
+        p.sub_((torch.arange(p.shape[1], device=p.device) == y[:, None]).to(p.dtype))
+    else:  # eager, the same without a (C, vocab) one-hot mask
+        p[torch.arange(len(y), device=p.device), y] -= 1.0
     return loss, p.to(logits.dtype)
 
 
@@ -445,6 +448,9 @@ _CE_GRAD_COMPILED = None
 def _compiled_ce_grad():
     global _CE_GRAD_COMPILED
     if _CE_GRAD_COMPILED is None:  # lazily, like _flex_attention: no compile at import
+        # Full chunks run a graph specialized to CE_CHUNK rows; the ragged last chunk one with a dynamic row count
+        # (compiled once, at the first other size). dynamo also specializes 1 row and a lone chunk (a label slice at
+        # offset 0): at most 4 graphs in a run.
         _CE_GRAD_COMPILED = torch.compile(ce_grad)
     return _CE_GRAD_COMPILED
 
@@ -473,7 +479,9 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+        # In place: a second (vocab, dim) head gradient would raise the memory peak. A second backward through this
+        # graph (retain_graph) then fails autograd's version check instead of scaling twice.
+        return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
 
 
 @torch.no_grad()
@@ -489,7 +497,7 @@ def untrained_token_ids(model: Transformer, ratio: float = 1e-6) -> list[int]:
 def fix_untrained_tokens(model: Transformer, ids: list[int]) -> None:
     """Set these rows of the input embedding, and of an untied LM head, to the mean of the trained rows (Unsloth's
     fix): from a zero row the model cannot even tell these tokens apart from each other, and an untrained head row
-    makes the token improbable at first, so fine-tuning on them starts from a wrong point (PITFALLS.md 7)."""
+    makes the token improbable at first, so fine-tuning on them starts from a wrong point."""
     if not ids:
         return
     emb = model.tok_embeddings.weight
@@ -570,26 +578,9 @@ def _expected_shapes(args: ModelArgs) -> dict:
     return {k: tuple(p.shape) for k, p in model.named_parameters()}  # named_parameters dedups the tie
 
 
-def hf_to_ours(hf_sd: dict, args: ModelArgs) -> dict:
-    """HF state dict -> ours. Strict: every tensor used, every parameter present, shapes checked. A tied
-    checkpoint's redundant lm_head.weight must equal the embedding (HF would silently ignore it)."""
-    shapes, out = _expected_shapes(args), {}
-    for key, t in hf_sd.items():
-        ours = _rename(key, _OUR_NAMES)
-        if _DERIVED.search(key):
-            continue
-        if ours == "output.weight" and args.tie_embeddings:
-            if not torch.equal(t, hf_sd.get("model.embed_tokens.weight", t)):
-                raise _tied_head_differs("the HF state dict")
-            continue
-        _check(key, ours, t, shapes, "the HF state dict")
-        out[ours] = t
-    _check_complete(shapes, out, "the HF state dict")
-    return out
-
-
 def ours_to_hf(sd: dict, args: ModelArgs) -> dict:
-    """Our state dict -> HF names. Strict like hf_to_ours; a tied head is saved once, as HF does."""
+    """Our state dict -> HF names. Strict (every parameter present, shapes checked, as load_hf is); a tied head
+    is saved once, as HF does."""
     shapes, out = _expected_shapes(args), {}
     for key, t in sd.items():
         if key == "output.weight" and args.tie_embeddings:
@@ -735,10 +726,6 @@ def _meta_to_hf_qk(w, n_heads):
     # Meta's RoPE rotates interleaved pairs (2i, 2i+1); HF's rotate_half pairs (i, i + D/2). Reorder each head's
     # output rows so HF-layout math gives the same result (HF convert_llama_weights_to_hf.py `permute`).
     return w.view(n_heads, w.shape[0] // n_heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
-
-
-def _hf_to_meta_qk(w, n_heads):  # the inverse of _meta_to_hf_qk
-    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
 def _load_meta(path, dtype, device):

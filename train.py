@@ -69,7 +69,7 @@ class TrainerConfig:
     dtype: str = "auto"                     # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
     grad_accum: int = 1                     # micro-batches per optimizer step (alias: gradient_accumulation)
     max_grad_norm: float = 1.0              # 0 = no clipping (the norm is still logged)
-    compile: bool = False                   # torch.compile each block in place
+    compile: bool = False                   # torch.compile each block in place, and the loss's softmax
     activation_checkpointing: str = "off"   # off | full | selective (keep matmul/attention outputs)
     dp_replicate: int = 1                   # HSDP: replicate over this many groups, shard within (e.g. = nodes)
     reshard_after_forward: bool = True      # FSDP2: free gathered blocks after forward (false: ZeRO-2-like, faster)
@@ -483,9 +483,10 @@ def load_checkpoint(path: Path, model, optimizer, train_loader) -> dict:
 
 
 def generation_config(tok, source_dir: Path | None = None) -> dict:
-    """eos_token_id lists every id that ends generation (eos AND the chat end-of-turn: PITFALLS 7). The pretrained
-    model's generation_config.json is kept otherwise (its sampling defaults: temperature / top_p of an Instruct
-    model, which vLLM and transformers apply), as transformers' save_pretrained of a fine-tuned model keeps it."""
+    """eos_token_id lists every id that ends generation: eos AND the chat end-of-turn (with eos alone, a chat model's
+    generation runs on past <|eot_id|>). The pretrained model's generation_config.json is kept otherwise (its sampling
+    defaults: temperature / top_p of an Instruct model, which vLLM and transformers apply), as transformers'
+    save_pretrained of a fine-tuned model keeps it."""
     src = source_dir / "generation_config.json" if source_dir else None
     gen = json.loads(src.read_text()) if src and src.is_file() else {"do_sample": False}
     gen.pop("transformers_version", None)
@@ -635,7 +636,7 @@ def memory_gb(device: torch.device) -> float:
     process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # peak RSS (Linux: KiB)
 
 
 @contextlib.contextmanager

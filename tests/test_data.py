@@ -632,7 +632,7 @@ def test_mix_validation_batches_hold_one_source_each(tmp_path, tok):
 
 
 def test_examples_not_ending_on_a_stop_token_are_counted_and_warned(tmp_path, tok, capsys):
-    """PITFALLS 1: targets without eos (target_encode_mode=as_is) teach a model never to stop: the cache counts the
+    """Targets without eos (target_encode_mode=as_is) teach a model never to stop: the cache counts the
     examples whose last supervised token is not a stop token, and the loader says so; the default (eos) is silent."""
     path = write_jsonl(tmp_path / "d" / "train.jsonl", qa_rows(12))
     ok = build_loader(cfg_for(tmp_path, os.path.dirname(path)), tok, "train")
