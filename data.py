@@ -6,7 +6,8 @@ packed batches, formed globally and strided over data-parallel ranks, resumable,
     batch = next(loader); loss_sum = model(batch.tokens, batch.positions, batch.doc_ids, labels=batch.labels)
 
 Sources (dataset.path): a .jsonl/.parquet file (the train split only); a directory with <split>.jsonl,
-<split>/**/*.jsonl or, as the Hub lays datasets out, **/<split>-*.jsonl (.parquet too: needs pyarrow); or
+<split>/**/*.jsonl or, as the Hub lays datasets out, **/<split>-*.jsonl (.parquet too: needs pyarrow; all files of
+the layout are read, and two layouts of one split side by side are an error); or
 hg://org/name[/subdir], fetched by huggingface_hub.snapshot_download (HF_HUB_CACHE/HF_HOME/HF_HUB_OFFLINE apply).
 Records: {"src", "tgt"} (names from src_field/tgt_field: GSM8K is question/answer) or {"messages" | "chat": [{"role":
 system|user|assistant, "content"}]} rendered by tokenizer.render_chat. chat_mode: true renders src/tgt as one
@@ -31,8 +32,9 @@ example is never kept with 0 supervised tokens.
 
 Cache: <cache_dir or ~/.cache/sft/data>/<name>-<split>-<hash>/{tokens.bin uint32, mask.bin uint8, offsets.bin
 int64 (n+1), meta.json}. The hash covers the source files (path, size, mtime), the tokenizer (its `fingerprint`
-attribute, else class name, vocab size, special ids, chat format, the ids of a probe text and chat, and the bytes of
-tokenizer.files) and the encoding options (max_seq_len among them: it decides drops and truncation); the other
+attribute, else class name, backend, merges-only flag, vocab size, special and stop ids, chat format, the ids of a
+probe text and chat, and the names and bytes of tokenizer.loaded_from: the files it was built from, not every
+tokenizer file of its directory) and the encoding options (max_seq_len among them: it decides drops and truncation); the other
 batching options are not in it (batches are planned at start-up). The node-local rank 0 builds it with forked worker
 processes into a temp dir renamed into place when complete; the other ranks wait at a torch.distributed barrier
 (and get the builder's error, if any).
@@ -69,8 +71,10 @@ import torch
 
 from tokenizer import TRAIN_ON
 
-CACHE_VERSION = 6  # 3: chat records with tools render them; 4: meta counts no_stop_token; 5: truncation cuts the
-# prompt first; 6: tokenizer.json with ignore_merges=false applies merges only, jinja masks of assistant-first chats
+CACHE_VERSION = 7  # 3: chat records with tools render them; 4: meta counts no_stop_token; 5: truncation cuts the
+# prompt first; 6: tokenizer.json with ignore_merges=false applies merges only, jinja masks of assistant-first chats;
+# 7: the tokenizer fingerprint hashes the files it was read from (a directory's tokenizer.model and tokenizer.json
+# shared one, and so one cache)
 ENCODE_MODES = ("prompt", "prompt_response", "as_is")
 ROLES = ("system", "user", "assistant", "tool", "ipython")  # all formats' roles; render_chat checks its own
 POOL_MIN_BYTES = 1 << 20  # below ~1 MB of data, forking tokenizer workers costs more than it saves
@@ -159,27 +163,39 @@ def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
     exts = ("jsonl", "parquet")
+    layouts, seen = [], set()  # (level, files, the files no layout before it has): the layouts present
     for level, patterns in enumerate(([f"{split}.{e}" for e in exts],
                                       [f"{split}/**/*.{e}" for e in exts],
                                       [f"**/{split}.{e}" for e in exts] + [f"**/{split}-*.{e}" for e in exts])):
         files = sorted({os.path.abspath(f) for p in patterns for f in glob.glob(os.path.join(path, p), recursive=True)})
-        if not files:
-            continue
-        # Both would be read, each example twice: <split>.jsonl beside <split>.parquet, or a Hub dataset's configs
-        # (hg://openai/gsm8k holds main/ and socratic/, the same questions with two answer styles; a local directory
-        # may hold shards or languages in subdirectories, which are read together).
-        if level == 0 and len(files) > 1:
-            raise ValueError(f"{what} {path}: split '{split}' is there as {' and '.join(files)}; keep one")
-        dirs = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
-        if hub and level == 2 and len(dirs) > 1:
-            raise ValueError(f"{what} {path}: split '{split}' files in {len(dirs)} subdirectories ({', '.join(dirs[:4])})"
-                             f", usually the dataset's configs: point {what} at one (e.g. {path.rstrip('/')}/{dirs[0]},"
-                             " or hg://org/name/<config>), or list them in dataset.sources")
-        return files
-    if missing_ok:
-        return []
-    raise FileNotFoundError(f"no data for split '{split}' in {path}: expected {split}.jsonl, {split}/**/*.jsonl "
-                            f"or **/{split}-*.jsonl (or .parquet)")
+        if new := [f for f in files if f not in seen]:  # **/<split>.jsonl also matches <split>.jsonl itself
+            layouts.append((level, files, new))
+            seen.update(files)
+    if not layouts:
+        if missing_ok:
+            return []
+        raise FileNotFoundError(f"no data for split '{split}' in {path}: expected {split}.jsonl, {split}/**/*.jsonl "
+                                f"or **/{split}-*.jsonl (or .parquet)")
+    # A layout's files are all read (shards, languages in subdirectories). Two layouts side by side (train.jsonl
+    # beside train/part-1.jsonl or data/train-00000-of-00001.parquet) are usually one dataset twice, a converted or
+    # re-sharded copy: reading one would silently ignore the other, reading both would repeat examples.
+    if len(layouts) > 1:
+        shown = [", ".join(os.path.relpath(f, path) for f in new[:2]) + (f" (+{len(new) - 2} more)" if len(new) > 2
+                                                                         else "") for _, _, new in layouts]
+        raise ValueError(f"{what} {path}: split '{split}' is there in {len(layouts)} layouts, {' and '.join(shown)}: "
+                         "keep one layout (move or delete the other files)")
+    level, files, _ = layouts[0]
+    # Both would be read, each example twice: <split>.jsonl beside <split>.parquet, or a Hub dataset's configs
+    # (hg://openai/gsm8k holds main/ and socratic/, the same questions with two answer styles; a local directory
+    # may hold shards or languages in subdirectories, which are read together).
+    if level == 0 and len(files) > 1:
+        raise ValueError(f"{what} {path}: split '{split}' is there as {' and '.join(files)}; keep one")
+    dirs = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
+    if hub and level == 2 and len(dirs) > 1:
+        raise ValueError(f"{what} {path}: split '{split}' files in {len(dirs)} subdirectories ({', '.join(dirs[:4])})"
+                         f", usually the dataset's configs: point {what} at one (e.g. {path.rstrip('/')}/{dirs[0]},"
+                         " or hg://org/name/<config>), or list them in dataset.sources")
+    return files
 
 
 def hub_snapshot(url: str, what: str = "dataset.path", repo_type: str = "dataset", tokenizer_only: bool = False) -> str:
@@ -204,8 +220,26 @@ def hub_snapshot(url: str, what: str = "dataset.path", repo_type: str = "dataset
     except Exception as e:  # offline without a cached snapshot, gated or missing repo, network errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FileNotFoundError(f"{what} {url}: cannot get Hub {repo_type} {repo_id} "
-                                f"({type(e).__name__}: {first})") from None
+                                f"({type(e).__name__}: {first}){_no_network_hint(e, what)}") from None
     return os.path.join(root, *parts[2:])
+
+
+def _no_network_hint(e: BaseException, what: str) -> str:
+    """The way forward when the Hub could not be reached and the cache lacks the repo (huggingface_hub raises
+    LocalEntryNotFoundError from its connection error; older versions a requests ConnectionError), else ""."""
+    chain = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    names = " ".join(type(x).__name__ for x in chain)
+    if not (any(isinstance(x, (ConnectionError, TimeoutError)) for x in chain)
+            or any(n in names for n in ("Connect", "Timeout", "LocalEntryNotFound", "OfflineMode"))):
+        return ""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return (f"; HF_HUB_OFFLINE is set and the Hugging Face cache lacks it: unset it to download, or download the "
+                f"repo elsewhere and set {what} to that local directory")
+    return (f"; no network? download the repo elsewhere and set {what} to that local directory, or fill the Hugging "
+            "Face cache (HF_HOME / HF_HUB_CACHE) there and copy it here: HF_HUB_OFFLINE=1 then reads it")
 
 
 def read_records(file: str):
@@ -236,8 +270,9 @@ def parse_record(where: str, raw) -> dict:
         raise BadExample("invalid_utf8", f"{where}: invalid UTF-8 at byte {e.start}") from None
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadExample("invalid_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except json.JSONDecodeError as e:  # e.msg names the place as "... starting at" / "... at": the column says it
+        what = e.msg.removesuffix(" at").removesuffix(" starting")
+        raise BadExample("invalid_json", f"{where}:{e.colno}: malformed JSON ({what})") from None
     except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, arrays nested past the recursion limit
         raise BadExample("invalid_json", f"{where}: unreadable JSON ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(obj, dict):
@@ -326,8 +361,8 @@ def _encode_chunk(chunk):
             obj = parse_record(where, raw)
             ids, mask = encode_example(obj, cfg, tokenizer, where)
         except BadExample as e:
-            if not cfg.skip_bad_examples:
-                raise ValueError(str(e)) from None  # plain ValueError: pickles back from a worker unchanged
+            if not cfg.skip_bad_examples:  # plain ValueError: pickles back from a worker unchanged
+                raise ValueError(f"{e}; dataset.skip_bad_examples=true skips (and counts) such examples") from None
             drops[e.reason] += 1
             messages.append(str(e))
             continue
@@ -375,17 +410,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
         return str(fp)
     h = hashlib.sha256()
     probe = "Hello, world! 12345 <|eot_id|> <|im_end|> héllo\n\n  x"
-    parts = [type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
-             getattr(tokenizer, "eot_id", None), getattr(tokenizer, "chat_format", None), tokenizer.encode(probe)]
+    parts = [type(tokenizer).__name__, getattr(tokenizer, "backend", None), getattr(tokenizer, "merges_only", None),
+             tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, getattr(tokenizer, "eot_id", None),
+             getattr(tokenizer, "stop_ids", None), getattr(tokenizer, "chat_format", None), tokenizer.encode(probe)]
     try:
         parts.append(tokenizer.render_chat([{"role": "user", "content": "2+2?"},
                                             {"role": "assistant", "content": "4"}]))
     except Exception:  # no chat format: chat data would fail at encoding anyway
         pass
     h.update(json.dumps(parts, default=str).encode())
-    for f in sorted(str(f) for f in getattr(tokenizer, "files", None) or []):  # tokenizer.py's source files
+    # The files the ids come from, by name and content, not every tokenizer file of the directory (tokenizer.files,
+    # what save() copies): a directory's tokenizer.model and a merges-only tokenizer.json tokenize " Việt" differently,
+    # and no probe text can cover all such words. Not by path: the same files elsewhere share the cache.
+    read = getattr(tokenizer, "loaded_from", None)
+    for f in sorted((read if read is not None else getattr(tokenizer, "files", None) or []), key=os.path.basename):
         with open(f, "rb") as fh:
-            h.update(hashlib.sha256(fh.read()).digest())
+            h.update(os.path.basename(f).encode() + hashlib.sha256(fh.read()).digest())
     return h.hexdigest()
 
 
@@ -417,7 +457,7 @@ def _chunks(files, cfg, drops: Counter, size=512):
                 chunk = []
         if count == 0:
             if not cfg.skip_bad_examples:
-                raise ValueError(f"{file}: empty file (no examples)")
+                raise ValueError(f"{file}: empty file (no examples); dataset.skip_bad_examples=true skips (and counts) it")
             drops["empty_file"] += 1
     if chunk:
         yield chunk
@@ -941,6 +981,11 @@ class Loader:
     def _batching(self) -> dict:
         return {k: getattr(self.cfg, k) for k in BATCH_OPTIONS}
 
+    # A resume cannot continue another data stream exactly; the way forward is the same for every mismatch
+    # (checkpoint.resume=false in the same checkpoint.dir is refused by train.py: it would mix the two runs)
+    NEW_RUN = ("start a new run in another checkpoint.dir (to go on from the trained weights: python train.py --export "
+               "<old checkpoint.dir> OUT, then model.path=OUT)")
+
     def load_state_dict(self, sd: dict) -> None:
         mine = (self.seed, self.batches_per_epoch, len(self.data))
         theirs = (sd.get("seed", mine[0]), sd.get("batches_per_epoch", mine[1]), sd.get("examples_per_epoch", mine[2]))
@@ -948,16 +993,17 @@ class Loader:
             raise ValueError(f"data loader state (seed {theirs[0]}, {theirs[1]} batches and {theirs[2]} examples per "
                              f"epoch) does not match this loader (seed {mine[0]}, {mine[1]} batches, {mine[2]} "
                              "examples): the seed, the dataset, its weights or the batching options changed since the "
-                             "checkpoint")
+                             f"checkpoint; restore them to resume, or {self.NEW_RUN}")
         batching = self._batching()
         if changed := [f"dataset.{k}: {v} -> {batching[k]}" for k, v in sd.get("batching", batching).items()
                        if batching.get(k) != v]:  # the same batch count can hide other batches
             raise ValueError(f"data loader state: the batching options changed since the checkpoint "
                              f"({'; '.join(changed)}): the rest of the epoch would repeat and skip examples; "
-                             "resume with the checkpoint's options, or start a fresh run in another checkpoint.dir")
+                             f"resume with the checkpoint's options, or {self.NEW_RUN}")
         if sd.get("mixture", self._mixture()) != self._mixture():
             raise ValueError(f"data loader state: the checkpoint's mixture [name, weight, examples] {sd['mixture']} "
-                             f"is not this run's {self._mixture()}: dataset.sources changed since the checkpoint")
+                             f"is not this run's {self._mixture()}: dataset.sources changed since the checkpoint; "
+                             f"restore them to resume, or {self.NEW_RUN}")
         self.close()
         self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
 
@@ -984,6 +1030,11 @@ def check_config(cfg: DatasetConfig) -> None:
     for name in ("batch_size", "max_num_tokens", "num_prefetch"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"dataset.{name} must be >= 0 (0 = off), got {getattr(cfg, name)}")
+    if cfg.num_workers < 0:  # -1 ("all CPUs" elsewhere) would silently mean one process here
+        raise ValueError(f"dataset.num_workers must be >= 0 (0 = one per CPU, at most 8), got {cfg.num_workers}")
+    if cfg.generate_demo and (cfg.demo_n_train < 1 or cfg.demo_n_valid < 0 or cfg.demo_max_value < 1):
+        raise ValueError(f"dataset: need demo_n_train >= 1, demo_n_valid >= 0 and demo_max_value >= 1, got "
+                         f"{cfg.demo_n_train}, {cfg.demo_n_valid}, {cfg.demo_max_value}")
     if cfg.batch_size and cfg.max_num_tokens:
         raise ValueError("dataset: set batch_size or max_num_tokens, not both")
     if not cfg.packing and not (cfg.batch_size or cfg.max_num_tokens):
@@ -1106,7 +1157,7 @@ def report(c):
     from tokenizer import visualize
     from train import load_tokenizer  # hg:// paths resolved as train.py does
     cfg = c.dataset
-    tokenizer = load_tokenizer(c.tokenizer.path or c.model.path, c.tokenizer.chat_format)
+    tokenizer = load_tokenizer(c.tokenizer.path, c.model.path, c.tokenizer.chat_format)
     color = sys.stdout.isatty()
     print("supervised tokens are shown " + ("on green" if color else "between \u00ab and \u00bb"))
     for split in [cfg.train_split] + ([cfg.valid_split] if cfg.valid_split else []):

@@ -6,10 +6,12 @@
     python generate.py MODEL --gsm8k test.jsonl --batch-size 16 --compile   # compiled decode step (module doc)
 
 MODEL is a Hugging Face directory (config.json + safetensors, or Meta consolidated.*.pth + params.json; tokenizer
-files beside them), a train.py checkpoint (OUT/checkpoints/step_N/), or a train.py output directory OUT (the newer
+files beside them) or hg://org/name (its safetensors and tokenizer files, fetched like train.py's model.path; needs
+huggingface_hub), a train.py checkpoint (OUT/checkpoints/step_N/), or a train.py output directory OUT (the newer
 of OUT/hf/ and its newest complete checkpoint). The tokenizer is --tokenizer, the directory's tokenizer files, or
 the run's config (tokenizer.path, e.g. "byte"). Only the completion is printed (the stop token that ended it is
-not); the last line of a GSM8K run is `accuracy: X.XXXX (k/n)`.
+not). A GSM8K run prints what it skipped and its strict-match accuracy (see evaluate_gsm8k); its last line is
+`accuracy: X.XXXX (k/n evaluated; flexible-extract: ...)`.
 
 Prompt formats. --chat: tokenizer.render_chat([system?, user], add_generation_prompt=True). Without --chat the
 prompt is what data.py feeds a src/tgt example before its target: bos + encode(question) (source_encode_mode
@@ -238,28 +240,36 @@ def normalize_number(text: str) -> str | None:
     return format(d.normalize(), "f")
 
 
-def extract_answer(text: str) -> str | None:
-    """The number after the first '####' (GSM8K's answer convention); else the last number in the text.
+def extract_answer(text: str, strict: bool = False) -> str | None:
+    """The number right after the first '####' (GSM8K's answer convention; lm-eval's "strict-match"); unless strict,
+    else the last number in the text (lm-eval's "flexible-extract": a model that answers "The answer is 18." scores,
+    and so does a completion cut off at max_new_tokens whose last intermediate number happens to be the answer).
     Normalized by normalize_number, so '1,000', '$1000' and '1000.00' compare equal. None when there is none."""
     marker = text.find("####")
     if marker >= 0:
         m = NUMBER.search(text, marker + 4)
         if m and not text[marker + 4:m.start()].strip():  # the number must come right after '####'
             return normalize_number(m.group())
+    if strict:
+        return None
     numbers = NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
 
 def question_and_gold(example: dict) -> tuple[str, str | None]:
-    """GSM8K rows are {"question", "answer"}; SFT-format rows are {"src", "tgt"}."""
+    """GSM8K rows are {"question", "answer"}; SFT-format rows are {"src", "tgt"}. The gold answer is strict: the
+    number after '####' (None without one; the last number of a worked solution would be a wrong gold)."""
     for q, a in (("question", "answer"), ("src", "tgt")):
         if q in example and a in example:
-            return example[q], extract_answer(example[a])
+            return example[q], extract_answer(example[a], strict=True)
     raise ValueError(f"GSM8K example needs 'question'/'answer' or 'src'/'tgt' fields, got {sorted(example)}")
 
 
 def load_jsonl(path) -> list[dict]:
     """GSM8K-format rows, read by data.py's reader (one-line errors naming file:line, BOM, CRLF)."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"GSM8K path {path} is a directory; a .jsonl file is expected "
+                                f"(e.g. {Path(path) / 'test.jsonl'})")
     if not Path(path).is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path}")
     return [data.parse_record(where, raw) for where, raw in data.read_records(str(path))]
@@ -277,9 +287,32 @@ def build_prompt(tokenizer, question: str, chat: bool, system: str | None = None
     return data.encode_text(tokenizer, question, source_encode_mode)
 
 
+def check_token_ids(model, tokenizer, prompts: list[list[int]]):
+    """Every prompt id and stop id must index the model's embedding table: a tokenizer of another model would
+    otherwise end in an IndexError deep inside the forward (or in stop ids the model can never produce)."""
+    vocab_size = model.args.vocab_size
+    worst = max((max(p) for p in prompts if p), default=-1), max(tokenizer.stop_ids, default=-1)
+    for max_id, what in zip(worst, ("a prompt", "a stop id")):
+        if max_id >= vocab_size:
+            raise ValueError(f"token id {max_id} ({what}) does not fit the model's vocab_size={vocab_size}: the "
+                             f"tokenizer ({tokenizer.vocab_size} ids) does not belong to this model; use the model's own")
+
+
+# Why evaluate_gsm8k leaves an example out (the counts are its result's "skipped"). An over-long prompt is left out
+# rather than an error: one long question in an evaluation set would otherwise end the evaluation, and in train.py
+# the training run.
+SKIP_REASONS = {"no_gold": "answer without '#### N'",
+                "empty_prompt": "the question encodes to no tokens",
+                "prompt_too_long": "no room for one new token within the model's max_seq_len"}
+
+
 def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_size=16, max_new_tokens=256,
                    limit=None, system=None, source_encode_mode="prompt", compile=False) -> dict:
     """Greedy exact-match accuracy on GSM8K-format examples ({"question", "answer"} or {"src", "tgt"}).
+    Examples are skipped and counted by reason (SKIP_REASONS) when their answer has no strict '#### N' gold or their
+    prompt leaves no room for a new token; accuracy, correct and total are over the examples evaluated (accuracy is
+    NaN when none is). A prediction is extract_answer's flexible-extract (the number after '####', else the last
+    number); strict_correct counts those with the gold right after '####' (lm-eval's two gsm8k scores).
     With torch.distributed initialized (FSDP-sharded model or not), call it on EVERY rank with the same examples:
     rank r decodes batches r, r+W, ... (a rank short of a batch decodes a filler), all ranks make the same number
     of forward calls, and every rank returns the same global result. compile: see generate()."""
@@ -289,8 +322,16 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_siz
         raise ValueError("evaluate_gsm8k got no examples")
     questions, golds = zip(*(question_and_gold(ex) for ex in examples))
     prompts = [build_prompt(tokenizer, q, chat, system, source_encode_mode) for q in questions]
+    skip = {}  # example index -> reason
+    for i, (gold, p) in enumerate(zip(golds, prompts)):
+        reason = "no_gold" if gold is None else "empty_prompt" if not p else \
+            "prompt_too_long" if len(p) >= model.args.max_seq_len else None
+        if reason:
+            skip[i] = reason
+    evaluated = [i for i in range(len(prompts)) if i not in skip]
+    check_token_ids(model, tokenizer, [prompts[i] for i in evaluated])
     # batch prompts of similar length together: less padding in the prefill
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = sorted(evaluated, key=lambda i: len(prompts[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     was_training = model.training
     model.eval()
@@ -309,19 +350,44 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_siz
         gathered = [None] * world_size
         dist.all_gather_object(gathered, local)
         local = {i: out for part in gathered for i, out in part.items()}
-    predictions = []
+    predictions = []  # one per example, skipped ones too (correct None: not scored), so a predictions file shows them
     for i, (q, gold) in enumerate(zip(questions, golds)):
+        if i in skip:
+            predictions.append({"index": i, "question": q, "gold": gold, "prediction": None, "correct": None,
+                                "strict_correct": None, "completion": None, "skipped": skip[i]})
+            continue
         completion = tokenizer.decode(local[i])
         pred = extract_answer(completion)
-        predictions.append({"index": i, "question": q, "gold": gold, "prediction": pred,
-                            "correct": pred is not None and pred == gold, "completion": completion})
-    correct = sum(p["correct"] for p in predictions)
-    return {"accuracy": correct / len(predictions), "correct": correct, "total": len(predictions),
+        predictions.append({"index": i, "question": q, "gold": gold, "prediction": pred, "correct": pred == gold,
+                            "strict_correct": extract_answer(completion, strict=True) == gold,
+                            "completion": completion, "skipped": None})
+    scored = [p for p in predictions if p["skipped"] is None]
+    correct = sum(p["correct"] for p in scored)
+    return {"accuracy": correct / len(scored) if scored else math.nan, "correct": correct, "total": len(scored),
+            "strict_correct": sum(p["strict_correct"] for p in scored),
+            "skipped": {reason: sum(r == reason for r in skip.values()) for reason in SKIP_REASONS},
             "predictions": predictions}
 
 
+def summary_lines(result: dict) -> list[str]:
+    """evaluate_gsm8k's result in words: what was skipped and why (if anything), the strict-match accuracy, and last
+    `accuracy: X.XXXX (k/n evaluated; flexible-extract: ...)`."""
+    n, skipped = result["total"], {r: k for r, k in result["skipped"].items() if k}
+    lines = []
+    if skipped:
+        lines.append(f"skipped {sum(skipped.values())} of {n + sum(skipped.values())} examples: "
+                     + ", ".join(f"{k} {r} ({SKIP_REASONS[r]})" for r, k in skipped.items()))
+    strict = result["strict_correct"] / n if n else math.nan
+    lines.append(f"strict-match accuracy (only a number right after '####' counts): {strict:.4f} "
+                 f"({result['strict_correct']}/{n})")
+    lines.append(f"accuracy: {result['accuracy']:.4f} ({result['correct']}/{n} evaluated; flexible-extract: the "
+                 f"number after '####', else the last number)")
+    return lines
+
+
 def write_predictions(path, predictions: list[dict]):
-    """One JSON line per example: index, question, gold, prediction, correct, completion."""
+    """One JSON line per example: index, question, gold, prediction, correct, strict_correct, completion, skipped
+    (a skipped example's reason, for which the others but index, question and gold are null)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for p in predictions:
@@ -338,9 +404,11 @@ def _is_hf_dir(path: Path) -> bool:
 
 def resolve_model_dir(path) -> Path:
     """MODEL -> what to load: an HF (or Meta) directory or a train.py checkpoint (step_N/ with trainer_state.pt) as
-    is; for a train.py output directory, the newer of its HF export (hf/) and its newest complete checkpoint."""
+    is; for a train.py output directory, the newer of its HF export (hf/) and its newest complete checkpoint;
+    hg://org/name: its snapshot in the local Hub cache (downloaded first if need be)."""
     import train  # lazily: only this path needs train.py's checkpoint layout
-    path = Path(path)
+    # data.py's Hub resolver, as train.py's model.path uses it; on the str: Path() would collapse the // into hg:/
+    path = Path(data.hub_snapshot(str(path), "MODEL", "model") if str(path).startswith("hg://") else path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
     if _is_hf_dir(path) or (path / "trainer_state.pt").is_file():
@@ -372,8 +440,11 @@ def _run_tokenizer(model_dir: Path) -> tuple[str, str | None] | None:
 def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
     """(model in eval mode, tokenizer) from MODEL (see resolve_model_dir). The tokenizer: tokenizer_path if given;
     else the tokenizer files in an HF directory; else the training run's tokenizer.path (the byte tokenizer has no
-    files). The run's tokenizer.chat_format applies unless tokenizer_path is given."""
+    files). The run's tokenizer.chat_format applies unless tokenizer_path is given. hg://org/name (MODEL or
+    tokenizer_path) is fetched from the Hub (a tokenizer: its small files only)."""
     import train
+    if tokenizer_path is not None and tokenizer_path.startswith("hg://"):
+        tokenizer_path = data.hub_snapshot(tokenizer_path, "--tokenizer", "model", tokenizer_only=True)
     model_dir = resolve_model_dir(path)
     run = _run_tokenizer(model_dir)
     chat_format = run[1] if run and tokenizer_path is None else None
@@ -399,7 +470,8 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate with a KV cache, or evaluate GSM8K accuracy.")
-    parser.add_argument("model", help="HF directory, train.py output directory, or train.py checkpoint directory")
+    parser.add_argument("model", help="HF directory, hg://org/name, train.py output directory, or train.py checkpoint "
+                                      "directory")
     parser.add_argument("--prompt", help="text to complete (or the user turn with --chat)")
     parser.add_argument("--chat", action="store_true", help="render with the model's chat format")
     parser.add_argument("--system", help="system message (with --chat)")
@@ -442,14 +514,19 @@ def main(argv=None):
                                     args.max_new_tokens, args.limit, args.system, compile=args.compile)
             if args.output:
                 write_predictions(args.output, result["predictions"])
-            print(f"accuracy: {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
+            print("\n".join(summary_lines(result)))
+            if not result["total"]:
+                skipped = ", ".join(f"{k} {r}" for r, k in result["skipped"].items() if k)
+                raise ValueError(f"none of the {len(result['predictions'])} GSM8K examples could be evaluated: all were "
+                                 f"skipped ({skipped})")
         else:
             prompt = build_prompt(tokenizer, args.prompt, args.chat, args.system)
+            check_token_ids(model, tokenizer, [prompt])
             [completion] = generate(model, [prompt], args.max_new_tokens, tokenizer.stop_ids, args.temperature,
                                     args.top_p, args.seed, vocab_size=tokenizer.vocab_size, compile=args.compile,
                                     top_k=args.top_k)
             print(tokenizer.decode(completion))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, IsADirectoryError, ValueError, ImportError) as e:  # ImportError: huggingface_hub
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -108,8 +108,13 @@ class Tokenizer:
 
     def __init__(self, backend, model, *, special: dict[str, int], matched: dict[str, int] | None = None,
                  vocab_size: int, bos: str | None, eos: str | None, pad: str | None, extra_stop=(),
-                 chat_format: str | None = None, chat_template: str | None = None, nfc=False, files=()):
+                 chat_format: str | None = None, chat_template: str | None = None, nfc=False, files=(),
+                 loaded_from=(), merges_only=False):
         self.backend, self.model = backend, model       # "byte" | "tiktoken" | "sentencepiece"
+        # what decides the ids: the files read (the data cache hashes them) and the BPE mode. `files` is every
+        # tokenizer file of the directory, which save() copies: a directory's tokenizer.model and tokenizer.json are
+        # both there, whichever was read, and they tokenize differently (merges only: " Việt" is never one token)
+        self.loaded_from, self.merges_only = list(loaded_from), merges_only
         self.special = special                          # control tokens: never produced from text by encode()
         self.matched = matched or {}                    # non-special added tokens (<think>): HF matches them in text
         self._allowed = set(self.matched)
@@ -646,8 +651,10 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
         added[a["content"]] = (a["id"], a.get("special", True))
     for i, a in cfg.get("added_tokens_decoder", {}).items():
         added.setdefault(a["content"], (int(i), a.get("special", True)))
-    # save() copies every tokenizer file of the directory (an HF export needs tokenizer.json even if we read .model)
+    # save() copies every tokenizer file of the directory (an HF export needs tokenizer.json even if we read .model);
+    # loaded_from: the files read, the ones that decide the ids (the vocab file(s), added tokens, bos/eos, template)
     files, nfc = [d / f for f in TOKENIZER_FILES if (d / f).exists()], False
+    configs = [d / f for f in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja") if (d / f).exists()]
     model_file = p if p.is_file() else d / "tokenizer.model"
     merges_only = False  # tiktoken (Meta's tokenizer.model) looks a whole pre-token up in the vocab first
     if kind == "model":
@@ -672,7 +679,7 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
                              bos=pick("bos_token", sp.bos_id()), eos=pick("eos_token", sp.eos_id()),
                              pad=pick("pad_token", sp.pad_id()), extra_stop=_as_list(gen.get("eos_token_id")),
                              chat_format=chat_format, chat_template=_chat_template(d, cfg),
-                             files=files)
+                             files=files, loaded_from=[model_file, *configs])
         src = model_file
     elif kind == "json":
         where = str(p if p.is_file() else d / "tokenizer.json")
@@ -707,8 +714,15 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
         pattern, nfc = (QWEN2_PATTERN, True) if cls == "Qwen2Tokenizer" else (GPT2_PATTERN, False)
         src = d / "vocab.json"
     else:
-        raise FileNotFoundError(f"no tokenizer in {p}: expected tokenizer.model, tokenizer.json, "
-                                "or vocab.json + merges.txt")
+        # a model exported from a run with the byte tokenizer has no tokenizer files (byte has none to copy); its
+        # generation_config.json holds the byte tokenizer's stop ids
+        byte_stops = [BYTE_SPECIALS["<|eos|>"], BYTE_SPECIALS["<|im_end|>"]]
+        fix = "its generation_config.json has the byte tokenizer's stop ids: use tokenizer.path=byte" \
+            if _as_list(gen.get("eos_token_id")) == byte_stops else \
+            "set tokenizer.path to a directory or file with one, or to byte (the built-in byte tokenizer)"
+        raise FileNotFoundError(f"no tokenizer in {p} (expected tokenizer.model, tokenizer.json or vocab.json + "
+                                f"merges.txt): {fix}")
+    read = [src, d / "merges.txt"] if kind == "vocab" else [src]
     rank_ids = set(ranks.values())
     specials = {s: i for s, (i, sp_) in added.items() if i not in rank_ids or sp_}
     # tiktoken returns a pre-token that is a vocab entry as that one token (HF's ignore_merges=true); with merges
@@ -747,7 +761,8 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
     return Tokenizer("tiktoken", enc, special={s: i for s, i in specials.items() if added[s][1]},
                      matched={s: i for s, i in specials.items() if not added[s][1]}, vocab_size=enc.n_vocab, bos=bos,
                      eos=eos, pad=pad, extra_stop=_as_list(gen.get("eos_token_id")), chat_format=chat_format,
-                     chat_template=_chat_template(d, cfg), nfc=nfc, files=files)
+                     chat_template=_chat_template(d, cfg), nfc=nfc, files=files, loaded_from=read + configs,
+                     merges_only=merges_only)
 
 
 def _as_list(x):

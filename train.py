@@ -187,9 +187,21 @@ def _merge(obj, d: dict, where: str, prefix: str = ""):
             setattr(obj, k, _coerce(prefix + k, hints[k], v))
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only true / false (any case). PyYAML follows YAML 1.1, where off / on / yes / no are
+    booleans too, so `activation_checkpointing: off` (a string field) would arrive as False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {  # a copy without the YAML 1.1 bool resolver (the others kept, in order)
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
 def _yaml(text: str, where: str, in_file: bool = True):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as e:  # a one-line error with the file and line, not a parser traceback
         mark = getattr(e, "problem_mark", None)
         at = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None and in_file else ""
@@ -283,7 +295,10 @@ def validate(cfg: Config):
     check(0 <= s.decay_fraction <= 1, f"lr_scheduler.decay_fraction must be in [0, 1], got {s.decay_fraction}")
     check(s.warmup_steps >= 0 and 0 <= s.final_lr_scale <= 1, "lr_scheduler: need warmup_steps >= 0, 0 <= final_lr_scale <= 1")
     check(t.dist_timeout_minutes > 0, f"trainer.dist_timeout_minutes must be > 0, got {t.dist_timeout_minutes}")
-    old = complete_checkpoints(Path(cfg.checkpoint.dir) / "checkpoints")
+    out = Path(cfg.checkpoint.dir)
+    check(not out.exists() or out.is_dir(), f"checkpoint.dir {out} is a file, not a directory: set checkpoint.dir to "
+                                            "a new directory or an earlier run's")
+    old = complete_checkpoints(out / "checkpoints")
     check(cfg.checkpoint.resume or not old,
           f"checkpoint.dir {cfg.checkpoint.dir} holds checkpoints of an earlier run (newest {old[-1].name if old else ''})"
           " and checkpoint.resume=false: a fresh run there would mix with them (and the next resume could pick theirs)."
@@ -312,18 +327,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def resolve_path(path: str, what: str) -> Path:
-    """A local path as is; hg://org/name through huggingface_hub (local rank 0 downloads, the others reuse its cache)."""
+def resolve_path(path: str, what: str, tokenizer_only: bool | None = None) -> Path:
+    """A local path as is; hg://org/name through huggingface_hub (local rank 0 downloads, the others reuse its cache).
+    what: the config key, for errors; tokenizer_only: fetch a tokenizer's small files only (default: what is
+    tokenizer.path)."""
     if not path.startswith("hg://"):
         return Path(path)
-    fetch = lambda: data.hub_snapshot(path, what, "model", tokenizer_only=what == "tokenizer.path")  # noqa: E731
+    small = what == "tokenizer.path" if tokenizer_only is None else tokenizer_only
+    fetch = lambda: data.hub_snapshot(path, what, "model", tokenizer_only=small)  # noqa: E731
     local = fetch() if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None
     barrier()
     return Path(local or fetch())
 
 
-def load_tokenizer(path: str, chat_format: str):
-    return tokenizer_lib.load_tokenizer(path if path == "byte" else str(resolve_path(path, "tokenizer.path")),
+def load_tokenizer(tokenizer_path: str, model_path: str, chat_format: str):
+    """tokenizer.path, or the model's directory when it is empty (hg:// resolved); errors name the key it came from."""
+    path, what = (tokenizer_path, "tokenizer.path") if tokenizer_path else \
+        (model_path, "model.path (the tokenizer's source: tokenizer.path is empty)")
+    return tokenizer_lib.load_tokenizer(path if path == "byte" else str(resolve_path(path, what, tokenizer_only=True)),
                                         chat_format or None)
 
 
@@ -340,7 +361,10 @@ def checkpoint_dtype(model_dir: Path, default: torch.dtype) -> torch.dtype:
     """The precision the HF checkpoint is stored in (config.json dtype / torch_dtype): rank 0 reads it at that
     precision, so bf16 files cost half the host memory and fp32 files reach the fp32 master weights unrounded."""
     cfg_file = model_dir / "config.json"
-    hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}  # a Meta checkpoint has none
+    try:
+        hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}  # a Meta checkpoint has none
+    except json.JSONDecodeError as e:  # json's message alone names no file
+        raise ValueError(f"{cfg_file}: not valid JSON ({e}): fix or replace the model's config.json") from None
     name = hf.get("dtype") or hf.get("torch_dtype")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float32}.get(name, default)
 
@@ -551,7 +575,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str):
         print(f"exporting the newest checkpoint of the run: {ckpt_dir}")
     model, state = load_checkpoint_model(ckpt_dir)
     tok_cfg, model_cfg = state["config"]["tokenizer"], state["config"]["model"]
-    tok = load_tokenizer(tok_cfg["path"] or model_cfg["path"], tok_cfg["chat_format"])
+    tok = load_tokenizer(tok_cfg["path"], model_cfg["path"], tok_cfg["chat_format"])
     dtype = export_dtype(state["config"]["checkpoint"].get("export_dtype", "auto"), state.get("dtype", "float32"))
     export_hf(model, model.args, tok, Path(out_dir), dtype, source_model_dir(model_cfg["path"]))
 
@@ -602,16 +626,18 @@ def peak_flops(device: torch.device | str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
 
 
-def trim_metrics(path: Path, last_step: int) -> int:
+def trim_metrics(path: Path, last_step: int, redo_step: int | None = None) -> int:
     """Drop metrics.jsonl records after last_step (and unreadable lines: a write cut by a crash), so that the steps
-    a resumed run trains again after its checkpoint (or a fresh run in the same dir: last_step -1) are logged once.
-    Returns how many records were dropped."""
+    a resumed run trains again after its checkpoint (or a fresh run in the same dir: last_step -1) are logged once;
+    and the validation / evaluation records of redo_step, whose end-of-run work a relaunch does again after a stop or
+    an error cut it short. Returns how many records were dropped."""
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines()
     def keep(line):
         try:
-            return json.loads(line)["step"] <= last_step
+            rec = json.loads(line)
+            return rec["step"] <= last_step and not (rec["step"] == redo_step and "loss" not in rec)
         except (ValueError, KeyError, TypeError):
             return False
     kept = [line for line in lines if keep(line)]
@@ -643,7 +669,8 @@ def memory_gb(device: torch.device) -> float:
 def stop_signals():
     """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before preemption) and Ctrl-C (SIGINT) ask for a checkpoint
     at the end of the step: yields [flag, signal number], set by the handler. The ranks agree through the step's loss
-    all-reduce, so all of them stop after the same step. A second Ctrl-C quits at once, without the checkpoint. The
+    all-reduce, so all of them stop after the same step (after the last one, in its validation / evaluation: through
+    an all-reduce of the flag between them). A second Ctrl-C quits at once, without the checkpoint (main: exit 130). The
     handler only sets the flag: printing from it could re-enter a stdout write the signal interrupted. The previous
     handlers come back on exit, also on an error (train() may run inside a notebook)."""
     signalled = [0.0, None]
@@ -726,7 +753,11 @@ def train(cfg: Config) -> dict:
     out_dir = Path(cfg.checkpoint.dir)
     ckpt_root = out_dir / "checkpoints"
     if is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a parent is a file, or no permission: OSError's own text names no key
+            raise OSError(f"checkpoint.dir {out_dir}: cannot create it ({e.strerror}): set checkpoint.dir to a "
+                          "directory you can write") from None
         text = yaml.safe_dump(asdict(cfg), sort_keys=False)
         print(f"# resolved config (saved to {out_dir / 'config.yaml'})\n{text}", flush=True)
         (out_dir / "config.yaml").write_text(text)
@@ -745,7 +776,7 @@ def train(cfg: Config) -> dict:
         print0(f"note: evaluation.every_n_steps={cfg.evaluation.every_n_steps} does nothing without evaluation.split")
 
     # --- tokenizer and data
-    tok = load_tokenizer(cfg.tokenizer.path or cfg.model.path, cfg.tokenizer.chat_format)
+    tok = load_tokenizer(cfg.tokenizer.path, cfg.model.path, cfg.tokenizer.chat_format)
     loader_kw = dict(rank=rank, world_size=world, seed=cfg.trainer.seed, device=device)
     train_loader = data.build_loader(cfg.dataset, tok, cfg.dataset.train_split, **loader_kw)
     val_loader = data.build_loader(cfg.dataset, tok, cfg.dataset.valid_split, infinite=False, **loader_kw) \
@@ -781,8 +812,11 @@ def train(cfg: Config) -> dict:
         raise ValueError(f"dataset.max_seq_len={cfg.dataset.max_seq_len} is longer than the model's context "
                          f"(max_seq_len={args.max_seq_len}, config.json max_position_embeddings): lower it")
     if max_id >= args.vocab_size:
+        # a preset is a random init sized for the byte tokenizer (tiny_llama: 512 ids) or for its family's tokenizer
+        fix = f"; model.name={cfg.model.name} has a {args.vocab_size}-token vocabulary: use model.path with the HF " \
+            "directory of the tokenizer's model, or a full-size preset of its family" if cfg.model.name else ""
         raise ValueError(f"token id {max_id} (data or pad) does not fit the model's vocab_size={args.vocab_size}: "
-                         f"the tokenizer ({tok.vocab_size} ids) does not belong to this model")
+                         f"the tokenizer ({tok.vocab_size} ids) does not belong to this model{fix}")
     with torch.device("meta"):
         model = model_lib.Transformer(args)
     model.compile_loss = cfg.trainer.compile
@@ -870,10 +904,13 @@ def train(cfg: Config) -> dict:
     # --- logging
     metrics_file = None
     if is_master:
-        dropped = trim_metrics(out_dir / "metrics.jsonl", step if resumed is not None else -1)
+        redo = resumed is not None and step >= cfg.regime.num_steps and not resumed.get("done")  # its end work
+        dropped = trim_metrics(out_dir / "metrics.jsonl", step if resumed is not None else -1, step if redo else None)
         if dropped:
-            print(f"metrics.jsonl: dropped {dropped} records " + (f"after the checkpoint's step {step} (steps this run "
-                  "trains again)" if resumed else "of an earlier run here that left no checkpoint"), flush=True)
+            print(f"metrics.jsonl: dropped {dropped} records " + (
+                "of an earlier run here that left no checkpoint" if resumed is None else
+                f"of the checkpoint's step {step} (its validation / evaluation, done again) or later" if redo else
+                f"after the checkpoint's step {step} (steps this run trains again)"), flush=True)
         metrics_file = open(out_dir / "metrics.jsonl", "a")
     tb = SummaryWriter(str(out_dir / "tb")) if SummaryWriter is not None else None
 
@@ -912,6 +949,8 @@ def train(cfg: Config) -> dict:
         pred_file = out_dir / "eval" / f"step_{step:08d}.jsonl"  # every completion, to read what the model says
         if is_master:
             generate.write_predictions(pred_file, res["predictions"])
+        for line in generate.summary_lines(res)[:-1]:  # skipped examples by reason, strict-match accuracy
+            print0(f"step {step}: {line}")
         print0(f"step {step}: gsm8k accuracy {res['accuracy']:.1%} ({res['correct']}/{res['total']}), "
                f"predictions in {pred_file}")
         publish({"step": step, "eval_accuracy": res["accuracy"]})
@@ -927,6 +966,7 @@ def train(cfg: Config) -> dict:
     start_step, train_time = step, 0.0  # train_time: seconds in training steps (no eval / checkpoint), for the ETA
     prof = None  # a torch.profiler run over trainer.profile_steps
     stop = False
+    saved = (start_step, ckpts[-1] if resumed is not None else None)  # the newest checkpoint: step, directory
 
     def log_window():
         """Publish the means over the steps since the last record (the loss per supervised token of those with a
@@ -948,16 +988,23 @@ def train(cfg: Config) -> dict:
         window = dict.fromkeys(window, 0)
 
     with stop_signals() as signalled:  # [flag, signal number]: a stop was asked (see stop_signals)
+        def signal_agreed() -> bool:
+            """Whether any rank got a stop signal: every rank asks at the same point, so all of them get one answer."""
+            return all_reduce_sum(torch.tensor(signalled[0], dtype=torch.float64, device=device)).item() > 0
+
         while True:
             if stop:
                 if window["steps"]:  # the steps since the last record
                     log_window()
+                unsaved = step > saved[0]  # else stopped in the end work, after the final checkpoint
                 if signalled[1] is not None:
-                    print(f"rank {rank}: got {signal.Signals(signalled[1]).name}: checkpoint and stop"
-                          + (" (Ctrl-C again quits without it)" if signalled[1] == signal.SIGINT else ""), flush=True)
+                    print(f"rank {rank}: got {signal.Signals(signalled[1]).name}: "
+                          + ("checkpoint and stop" if unsaved else f"stop (step {step} is checkpointed)")
+                          + (" (Ctrl-C again quits without it)" if unsaved and signalled[1] == signal.SIGINT else ""),
+                          flush=True)
                 if prof is not None:  # stopped inside trainer.profile_steps: keep what was traced
                     finish_profiler(prof, out_dir / "profile", rank, [cfg.trainer.profile_steps[0], step], device)
-                if step > start_step:
+                if unsaved:
                     path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
                                            cfg.regime.keep_last_n_checkpoints)
                     print0(f"step {step}: saved checkpoint {path}")
@@ -969,24 +1016,34 @@ def train(cfg: Config) -> dict:
                 g["lr"] = lr
             last = step >= num_steps
             # The end-of-run work (final validation, evaluation) is not redone by a resume with nothing left to train,
-            # unless the checkpoint was written by a stop before that work ("done" marks the final checkpoint).
+            # unless it did not complete: a stop or an error came first ("done" marks the final checkpoint after it).
             end = last and (step > start_step or not (resumed or {}).get("done"))
             every = lambda n: n > 0 and step % n == 0 and step > start_step  # noqa: E731
-            if val_loader and (end or every(cfg.regime.validate_every_n_steps)):
+            # The checkpoint before the validation and evaluation: an error in them (e.g. an evaluation prompt longer
+            # than the model's context) must not lose the steps since the last one.
+            if step > start_step and (last or every(cfg.regime.checkpoint_every_n_steps)):
+                path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
+                                       cfg.regime.keep_last_n_checkpoints)
+                saved = (step, path)
+                print0(f"step {step}: saved checkpoint {path}")
+            # A signal during the end work (or the final checkpoint's write) skips what is left of it: no training step
+            # is left to carry the flag in its all-reduce, so the ranks agree on it before each part and after the last.
+            stop = end and signal_agreed()
+            if not stop and val_loader and (end or every(cfg.regime.validate_every_n_steps)):
                 val = validate()
                 result["val_loss"] = val.pop("")
                 print0(f"step {step}: validation loss {result['val_loss']:.4f}"
                        + (f" ({', '.join(f'{name} {v:.4f}' for name, v in val.items())})" if val else ""))
                 publish({"step": step, "val_loss": result["val_loss"], **{f"val_loss/{k}": v for k, v in val.items()}})
-            if eval_examples and (end or (step == start_step == 0 and cfg.evaluation.at_start)
-                                  or every(cfg.evaluation.every_n_steps)):
+                stop = end and signal_agreed()
+            if not stop and eval_examples and (end or (step == start_step == 0 and cfg.evaluation.at_start)
+                                               or every(cfg.evaluation.every_n_steps)):
                 result["eval"] = evaluate()
-            if step > start_step and (last or every(cfg.regime.checkpoint_every_n_steps)):
-                path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, {**extra, "done": last},
-                                       cfg.regime.keep_last_n_checkpoints)
-                print0(f"step {step}: saved checkpoint {path}")
-            elif end and is_master:  # the end work of a run stopped before it, done now: not again at a relaunch
-                mark_done(ckpts[-1])
+                stop = end and signal_agreed()
+            if stop:
+                continue  # stopped at the top of the loop; the checkpoint stays not done: a relaunch does the end work
+            if end and is_master:  # the end work is done: a relaunch with nothing left to train does not redo it
+                mark_done(saved[1])
             if last:
                 break
             reset_peak_memory(device)  # the logged memory is the training step's, not a validation's or evaluation's
@@ -1062,6 +1119,10 @@ def train(cfg: Config) -> dict:
         metrics_file.close()
     if tb is not None:
         tb.close()
+    if dist.is_initialized():
+        # The ranks leave together: one tearing gloo down while another still works (rank 0 marks the checkpoint
+        # done) could abort at exit ("terminate called without an active exception", 1 run in ~5 on CPU).
+        dist.barrier()
     return result
 
 
@@ -1084,13 +1145,25 @@ def main(argv: list[str]):
         return
     if not argv or argv[0] in ("-h", "--help"):
         raise SystemExit(__doc__)
-    with one_line_errors("config error"):
-        cfg = load_config(argv)
+    try:
+        with one_line_errors("config error"):
+            cfg = load_config(argv)
+    except SystemExit as e:  # under torchrun every rank reads the config: rank 0 alone says what is wrong
+        raise (e if int(os.environ.get("RANK", 0)) == 0 else SystemExit(1)) from None
     try:
         with one_line_errors():
             result = train(cfg)
         if result.get("stopped"):  # checkpointed and stopped early: not a finished run (`train && evaluate`)
             raise SystemExit(128 + int(result["stopped"]))
+    except (KeyboardInterrupt, dcp.CheckpointException) as e:
+        # A second Ctrl-C quits at once. Inside a checkpoint write DCP wraps it in a CheckpointException (with a
+        # traceback per failure): one line for either; the next save removes the step_N.tmp it leaves.
+        if isinstance(e, dcp.CheckpointException) and not any(isinstance(f, KeyboardInterrupt)
+                                                              for f, _ in e.failures.values()):
+            raise
+        print("interrupted: quit at once, without a checkpoint of this step; launch the same command again to resume "
+              "from the newest complete one", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
     except torch.OutOfMemoryError as e:
         asked = re.search(r"Tried to allocate [\d.]+ \w+", str(e))  # the rest of torch's message is pages long
         raise SystemExit(f"error: out of GPU memory{f' ({asked[0]})' if asked else ''}. Lower dataset.max_num_tokens "

@@ -217,6 +217,23 @@ def test_path_kinds(tmp_path, tok):
         build_loader(cfg_for(tmp_path, tmp_path / "a"), tok, "train")
 
 
+def test_two_layouts_of_a_split_are_an_error(tmp_path, tok):
+    """<split>.jsonl beside <split>/ shards or the Hub's **/<split>-*.parquet: one of them used to be read silently
+    (400 of 500 examples); both would usually be one dataset twice."""
+    write_jsonl(tmp_path / "d" / "train.jsonl", qa_rows(4))
+    write_jsonl(tmp_path / "d" / "valid.jsonl", qa_rows(2))
+    write_jsonl(tmp_path / "d" / "train" / "part-1.jsonl", qa_rows(1))
+    with pytest.raises(ValueError, match=r"dataset.path .*d: split 'train' is there in 2 layouts, train.jsonl and "
+                                         r"train/part-1.jsonl: keep one layout"):
+        build_loader(cfg_for(tmp_path, tmp_path / "d"), tok, "train")
+    shutil.rmtree(tmp_path / "d" / "train")
+    (tmp_path / "d" / "data").mkdir()
+    (tmp_path / "d" / "data" / "train-00000-of-00001.parquet").write_bytes(b"")  # found, never read
+    with pytest.raises(ValueError, match=r"2 layouts, train.jsonl and data/train-00000-of-00001.parquet: keep one"):
+        build_loader(cfg_for(tmp_path, tmp_path / "d"), tok, "train")
+    assert len(build_loader(cfg_for(tmp_path, tmp_path / "d"), tok, "valid").data) == 2  # the other split: one layout
+
+
 def offline_hub_repo(tmp_path, monkeypatch, repo_id: str, kind: str = "datasets") -> Path:
     """The snapshot directory of `repo_id` in an offline huggingface_hub cache under tmp_path (fill it, then read it
     through hg://repo_id as if downloaded)."""
@@ -245,7 +262,8 @@ def test_hub_dataset_from_offline_cache(tmp_path, tok, monkeypatch):
     assert len(build_loader(cfg_for(tmp_path, one_file), tok, "train").data) == 7
     with pytest.raises(ValueError, match="is one file"):
         build_loader(cfg_for(tmp_path, one_file, valid_split="valid"), tok, "valid")
-    with pytest.raises(FileNotFoundError, match="hg://org/missing"):
+    with pytest.raises(FileNotFoundError, match="hg://org/missing: .*; HF_HUB_OFFLINE is set and the Hugging Face "
+                                                "cache lacks it: unset it to download"):
         build_loader(cfg_for(tmp_path, "hg://org/missing"), tok, "train")
     with pytest.raises(ValueError, match="hg://org"):
         build_loader(cfg_for(tmp_path, "hg://org"), tok, "train")
@@ -255,6 +273,25 @@ def test_hub_dataset_from_offline_cache(tmp_path, tok, monkeypatch):
                                          r"dataset's configs: point dataset.path at one"):
         build_loader(cfg_for(tmp_path, "hg://org/name"), tok, "train")
     assert len(build_loader(cfg_for(tmp_path, "hg://org/name/socratic"), tok, "train").data) == 7
+
+
+def test_hub_unreachable_says_what_to_do(tmp_path, tok, monkeypatch):
+    """No network and nothing cached: huggingface_hub raises LocalEntryNotFoundError from its connection error."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(**kwargs):
+        try:
+            raise ConnectionError("[Errno -3] Temporary failure in name resolution")
+        except ConnectionError as e:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub") from e
+    monkeypatch.setattr(hub, "snapshot_download", unreachable)
+    with pytest.raises(FileNotFoundError) as e:
+        build_loader(cfg_for(tmp_path, "hg://org/name"), tok, "train")
+    assert re.fullmatch(r"dataset.path hg://org/name: cannot get Hub dataset org/name \(LocalEntryNotFoundError: .*\); "
+                        r"no network\? download the repo elsewhere and set dataset.path to that local directory, or "
+                        r"fill the Hugging Face cache .* HF_HUB_OFFLINE=1 then reads it", str(e.value)), str(e.value)
 
 
 def test_parquet(tmp_path, tok):
@@ -442,6 +479,17 @@ def test_resume_refuses_changed_batching_options(tmp_path, tok, qa_dir):
         other.load_state_dict(state)
     del state["batching"]  # a checkpoint from before the options were stored: still accepted
     build_loader(cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4), tok, "train").load_state_dict(state)
+
+
+def test_resume_after_the_data_changed_says_what_to_do(tmp_path, tok, qa_dir):
+    run = build_loader(cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4), tok, "train")
+    state = run.state_dict()
+    write_jsonl(qa_dir / "train.jsonl", qa_rows(207))
+    other = build_loader(cfg_for(tmp_path, qa_dir, max_seq_len=64, batch_size=4), tok, "train")
+    with pytest.raises(ValueError, match=r"does not match this loader .*changed since the checkpoint; restore them to "
+                                         r"resume, or start a new run in another checkpoint.dir \(to go on from the "
+                                         r"trained weights: python train.py --export .*model.path=OUT\)"):
+        other.load_state_dict(state)
 
 
 def test_resume_at_another_world_size_continues_global_stream(tmp_path, tok, qa_dir):
@@ -681,7 +729,10 @@ def test_mix_trains_end_to_end(tmp_path):
 
 GOOD = json.dumps({"src": "a", "tgt": "b"})
 BAD = {  # name: (file content bytes, message, reason counted with skip_bad_examples)
-    "malformed_json": (GOOD + "\n{\"src\": \"a\", \n", r"d\.jsonl:2: malformed JSON", "invalid_json"),
+    "malformed_json": (GOOD + "\n{\"src\": \"a\", \n", r"d\.jsonl:2:14: malformed JSON \(Expecting property name",
+                       "invalid_json"),
+    "unterminated_string": (GOOD + "\n{\"src\": \"a\n", r"d\.jsonl:2:9: malformed JSON \(Unterminated string\); "
+                            r"dataset\.skip_bad_examples=true skips \(and counts\) such examples$", "invalid_json"),
     "missing_field": (GOOD + "\n" + json.dumps({"src": "a"}), r"d\.jsonl:2: missing field 'tgt'", "missing_field"),
     "non_string": (json.dumps({"src": 1, "tgt": "b"}) + "\n" + GOOD, r"d\.jsonl:1: field 'src' must be a string",
                    "bad_field"),
@@ -749,6 +800,8 @@ def test_config_errors(tmp_path, tok, qa_dir):
     for bad, msg in [(dict(source_encode_mode="bos"), "source_encode_mode"), (dict(packing=False), "set batch_size"),
                      (dict(batch_size=4, max_num_tokens=4096), "not both"),
                      (dict(max_num_tokens=100), "max_num_tokens"),
+                     (dict(num_workers=-1), r"dataset.num_workers must be >= 0 \(0 = one per CPU, at most 8\), got -1"),
+                     (dict(generate_demo=True, demo_n_train=0), "need demo_n_train >= 1"),
                      (dict(path=""), "dataset.path is empty")]:
         with pytest.raises(ValueError, match=msg):
             build_loader(dataclasses.replace(cfg_for(tmp_path, qa_dir), **bad), tok, "train")
@@ -775,6 +828,20 @@ def test_cache_reused_and_invalidated(tmp_path, tok, qa_dir, monkeypatch):
     assert not [p for p in os.listdir(tmp_path / "cache") if ".tmp-" in p]  # temp dirs renamed or removed
 
 
+def test_cache_follows_the_tokenizer_file_read(tmp_path, llama3_tokenizer_dir):
+    """A directory's tokenizer.model and its merges-only tokenizer.json hold the same files but tokenize " Việt"
+    differently (one token vs three): each gets its own cache, and reloading the same file reuses it."""
+    row = {"src": "Việt Nam có bao nhiêu tỉnh?", "tgt": "Việt Nam #### 63"}
+    path = write_jsonl(tmp_path / "viet" / "train.jsonl", [row] * 3)
+    caches = {}
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer.model", "tokenizer.json"):
+        t = load_tokenizer(llama3_tokenizer_dir / name)
+        loader = build_loader(cfg_for(tmp_path, path), t, "train")
+        assert example_of(loader, 0)[0] == t.encode(row["src"], bos=True) + t.encode(row["tgt"], eos=True), name
+        assert caches.setdefault(name, loader.data.directory) == loader.data.directory
+    assert caches["tokenizer.model"] != caches["tokenizer.json"]
+
+
 def test_damaged_cache_is_a_clear_error(tmp_path, tok, qa_dir):
     loader = build_loader(cfg_for(tmp_path, qa_dir), tok, "train")
     tokens = Path(loader.data.directory) / "tokens.bin"
@@ -791,7 +858,7 @@ def test_parallel_build_equals_serial(tmp_path, tok, qa_dir, monkeypatch):
     assert np.array_equal(serial.offsets, par.offsets) and serial.meta["drops"] == par.meta["drops"]
     bad = tmp_path / "bad"
     write_jsonl(bad / "train.jsonl", qa_rows(600) + ["{oops"])  # an error raised inside a worker names the line
-    with pytest.raises(ValueError, match=r"train\.jsonl:601: malformed JSON"):
+    with pytest.raises(ValueError, match=r"train\.jsonl:601:2: malformed JSON"):
         build_loader(cfg_for(tmp_path, bad, num_workers=2), tok, "train")
 
 

@@ -330,6 +330,16 @@ def test_extract_answer_tricky_outputs(text, expected):
     assert extract_answer(text) == expected
 
 
+def test_strict_answers_and_gold():
+    """Gold answers and strict-match take only the number right after '####'; predictions fall back to the last
+    number (flexible-extract), e.g. for a completion cut off mid-calculation."""
+    assert extract_answer("x = 5\n####") == "5" and extract_answer("x = 5\n####", strict=True) is None
+    assert extract_answer("She has 3 + 4 = 7", strict=True) is None
+    assert extract_answer("so\n#### 1,000", strict=True) == "1000"
+    # a worked solution without '#### N' has no gold: its last number is not the answer to score against
+    assert gen.question_and_gold({"question": "What is 1 + 1?", "answer": "1 + 1 = 2"}) == ("What is 1 + 1?", None)
+
+
 def test_gold_from_src_tgt_and_bad_rows():
     assert gen.question_and_gold({"src": "1+1=", "tgt": "#### 2"}) == ("1+1=", "2")
     with pytest.raises(ValueError, match="'question'/'answer' or 'src'/'tgt'"):
@@ -405,7 +415,7 @@ def test_evaluate_gsm8k(llama3_tokenizer_dir, monkeypatch):
         return outs
 
     monkeypatch.setattr(gen, "generate", fake_generate)
-    model = tiny_model()
+    model = tiny_model(vocab_size=tok.vocab_size)  # every id the tokenizer gives must fit (check_token_ids)
     model.train()
     compiled, sizes = True, []
     assert gen.evaluate_gsm8k(model, tok, examples, False, batch_size=3, limit=2, compile=True)["total"] == 2
@@ -433,6 +443,41 @@ def test_evaluate_gsm8k_with_a_real_model_matches_generate(llama3_tokenizer_dir)
         [ids] = gen.generate(model, [gen.build_prompt(tok, ex["question"], True)], 6, tok.stop_ids,
                              vocab_size=tok.vocab_size)
         assert pred["completion"] == tok.decode(ids)
+
+
+def test_evaluate_gsm8k_skips_long_prompts_and_missing_gold():
+    """An example whose prompt leaves no room for a new token, or whose answer has no '#### N', is skipped and
+    counted, not an error that ends the evaluation (and train.py's run) nor a wrong answer; accuracy is over the
+    rest, which decode exactly as they would alone."""
+    model, tok, examples = fsdp_case()  # max_seq_len 64; a prompt is bos + one id per byte
+    examples = examples[:2] + [{"question": "a" * 63, "answer": "#### 1"},  # 64 tokens: no room
+                               {"question": "b" * 62, "answer": "#### 1"},  # 63 tokens: room for one
+                               {"question": "What is 1 + 1?", "answer": "no hashes here"}]
+    res = gen.evaluate_gsm8k(model, tok, examples, False, batch_size=2, max_new_tokens=12)
+    assert res["skipped"] == {"no_gold": 1, "empty_prompt": 0, "prompt_too_long": 1} and res["total"] == 3
+    assert [p["skipped"] for p in res["predictions"]] == [None, None, "prompt_too_long", None, "no_gold"]
+    assert res["predictions"][2]["correct"] is None and res["predictions"][4]["gold"] is None
+    alone = gen.evaluate_gsm8k(model, tok, [examples[i] for i in (0, 1, 3)], False, batch_size=2, max_new_tokens=12)
+    assert [p["completion"] for p in alone["predictions"]] == [res["predictions"][i]["completion"] for i in (0, 1, 3)]
+    assert len(res["predictions"][3]["completion"].split()) == 1  # the 63-token prompt got its one token
+    lines = gen.summary_lines(res)
+    assert lines[0] == ("skipped 2 of 5 examples: 1 no_gold (answer without '#### N'), 1 prompt_too_long (no room "
+                        "for one new token within the model's max_seq_len)")
+    assert lines[-1].startswith(f"accuracy: {res['accuracy']:.4f} ({res['correct']}/3 evaluated; flexible-extract")
+    none = gen.evaluate_gsm8k(model, tok, examples[4:], False)
+    assert none["total"] == 0 and none["accuracy"] != none["accuracy"]  # NaN: nothing was evaluated
+
+
+def test_token_ids_must_fit_the_model():
+    """A tokenizer of another model: a one-line error before the forward would fail with an IndexError."""
+    model, tok, examples = fsdp_case()
+    small = tiny_model(vocab_size=90)  # ByteTok's bos id (96) does not fit
+    with pytest.raises(ValueError, match=r"token id 96 \(a prompt\) does not fit the model's vocab_size=90: the "
+                                         r"tokenizer \(97 ids\) does not belong to this model"):
+        gen.evaluate_gsm8k(small, tok, examples, False)
+    gen.check_token_ids(model, tok, [[96, 5]])
+    with pytest.raises(ValueError, match=r"token id 86 \(a stop id\)"):
+        gen.check_token_ids(tiny_model(vocab_size=80), tok, [[5]])
 
 
 FSDP_SCRIPT = textwrap.dedent("""
@@ -497,7 +542,7 @@ def test_evaluate_gsm8k_under_fsdp2_on_two_ranks(tmp_path):
         assert json.loads(line.split(" ", 1)[1]) == expected
 
 
-def test_cli(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
+def test_cli(llama3_tokenizer_dir, qwen3_tokenizer_dir, tmp_path, capsys, monkeypatch):
     import tokenizer as tokenizer_lib
     model_dir = hf_dir_with_tokenizer(tmp_path, llama3_tokenizer_dir, vocab_size=128256, max_seq_len=48)
     tok = tokenizer_lib.load_tokenizer(str(model_dir))
@@ -518,7 +563,7 @@ def test_cli(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
     assert gen.main([str(model_dir), "--gsm8k", str(data_file), "--limit", "2", "--batch-size", "2",
                      "--max-new-tokens", "4", "--output", str(pred_file)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"accuracy: \d\.\d{4} \(\d/2\)", last), last
+    assert re.fullmatch(r"accuracy: \d\.\d{4} \(\d/2 evaluated; flexible-extract: .*\)", last), last
     preds = [json.loads(line) for line in open(pred_file)]
     assert [p["gold"] for p in preds] == ["0", "1"] and {"prediction", "completion", "correct"} <= preds[0].keys()
 
@@ -533,6 +578,19 @@ def test_cli(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
     assert "model directory not found" in capsys.readouterr().err
     assert gen.main([str(model_dir), "--gsm8k", str(tmp_path / "missing.jsonl")]) == 1
     assert "GSM8K file not found" in capsys.readouterr().err
+    assert gen.main([str(model_dir), "--gsm8k", str(tmp_path)]) == 1
+    assert f"GSM8K path {tmp_path} is a directory; a .jsonl file is expected" in capsys.readouterr().err
+    no_gold = tmp_path / "no_gold.jsonl"
+    no_gold.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "no hashes here"}) + "\n")
+    assert gen.main([str(model_dir), "--gsm8k", str(no_gold)]) == 1
+    out, err = capsys.readouterr()
+    assert "skipped 1 of 1 examples: 1 no_gold" in out and err.count("\n") == 1
+    assert "none of the 1 GSM8K examples could be evaluated" in err
+    # a tokenizer of another model (Qwen3's stop ids are past this Llama-sized vocabulary): one line, no IndexError
+    assert gen.main([str(model_dir), "--prompt", "What is 1 + 2?", "--tokenizer", str(qwen3_tokenizer_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit the model's vocab_size=128256" in err and "does not belong to this model" in err
+    assert err.count("\n") == 1
     with pytest.raises(SystemExit) as e:
         gen.main([str(model_dir), "--prompt", "x", "--bogus"])
     assert e.value.code == 2
@@ -561,6 +619,27 @@ def test_cli(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
     assert gen.main([str(model_dir), "--gsm8k", str(data_file), "--limit", "1", "--compile"]) == 0
     assert gen.main([str(model_dir), "--prompt", "Hi"]) == 0
     assert seen == [True, True, False]
+
+
+def test_hub_model_paths(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """hg://org/name for MODEL and --tokenizer goes through data.py's Hub resolver (train.py's, for model.path);
+    without huggingface_hub that is a one-line error naming what to install, not 'hg:/...' not found."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    model = tiny_model()
+    model_lib.save_hf(model, model.args, tmp_path / "snap")
+    snapshots, calls = {"org/name": tmp_path / "snap", "org/tok": llama3_tokenizer_dir}, {}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: calls.update({kw["repo_id"]: kw}) or str(snapshots[kw["repo_id"]]))
+    assert gen.resolve_model_dir("hg://org/name") == tmp_path / "snap" and calls["org/name"]["repo_type"] == "model"
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files"):  # resolved, then loaded like a directory
+        gen.load_model("hg://org/name")
+    loaded, tok = gen.load_model("hg://org/name", tokenizer_path="hg://org/tok")
+    assert tok.files and "*.safetensors" not in calls["org/tok"]["allow_patterns"]  # a tokenizer: its small files
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails: not installed
+    assert gen.main(["hg://meta-llama/Llama-3.2-1B", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("generate.py: error: MODEL hg://meta-llama/Llama-3.2-1B needs huggingface_hub: "
+                   "pip install huggingface_hub\n")
 
 
 def test_load_training_outputs(tmp_path):

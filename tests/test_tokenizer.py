@@ -94,8 +94,14 @@ def test_bad_input(tmp_path):
         load_tokenizer("byte", chat_format="alpaca")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer in .*: set tokenizer.path to a directory or file with one"):
         load_tokenizer(tmp_path)
+    # an HF export of a model trained with the byte tokenizer (which has no files to copy) names it
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [257, 260], "bos_token_id": 256}))
+    with pytest.raises(FileNotFoundError, match="generation_config.json has the byte tokenizer's stop ids: use "
+                                                "tokenizer.path=byte"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(FileNotFoundError, match=r"lacks \['vocab.json'\]"):
         load_tokenizer(tmp_path)

@@ -117,6 +117,7 @@ def test_config_parsing_and_overrides(tiny_data, tmp_path, monkeypatch):
     ("trainer.grad_acum=2", r"unknown config key 'trainer.grad_acum'.*did you mean trainer.grad_accum"),
     ("regime.num_steps=1.5", r"regime.num_steps: expected int, got float"),
     ("trainer.compile=1", r"trainer.compile: expected bool, got int"),
+    ("trainer.compile=yes", r"trainer.compile: expected bool, got str 'yes'"),  # YAML 1.2: yes is no boolean
     ("optimizer.lr=fast", r"optimizer.lr: expected float, got str"),
     ("regime.num_steps=0", r"regime.num_steps must be >= 1"),
     ("dataset.max_num_tokens=64", r"max_num_tokens=64 < max_seq_len=128"),
@@ -158,6 +159,75 @@ def test_config_missing_files(tiny_data, tmp_path):
         train.load_config([str(tmp_path / "broken.yaml")])
     with pytest.raises(SystemExit, match="config error: .*unknown config key"):  # the CLI: one line, no traceback
         train.main([path, "bogus.key=1"])
+
+
+def test_yaml_off_on_yes_no_are_strings(tiny_data, tmp_path):
+    """Config YAML is read with YAML 1.2's booleans (true / false in any case): PyYAML's YAML 1.1 reads off / on /
+    yes / no as booleans, so the README's `activation_checkpointing: off` failed as `expected str, got bool False`."""
+    path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out"), tmp_path / "c.yaml")
+    text = Path(path).read_text().replace("trainer:\n", "trainer:\n  activation_checkpointing: off\n  compile: TRUE\n")
+    Path(path).write_text(text)
+    cfg = train.load_config([path])
+    assert cfg.trainer.activation_checkpointing == "off" and cfg.trainer.compile is True
+    cfg = train.load_config([path, "trainer.activation_checkpointing=off", "trainer.compile=False"])
+    assert cfg.trainer.activation_checkpointing == "off" and cfg.trainer.compile is False
+    with pytest.raises(ValueError, match="activation_checkpointing must be off.full.selective, got 'on'"):
+        train.load_config([path, "trainer.activation_checkpointing=on"])
+
+
+def test_config_errors_name_the_key_or_file_and_print_on_rank_0_only(tiny_data, tmp_path, monkeypatch):
+    """checkpoint.dir on a file (or under one) names the key, not only OSError's text; a malformed model config.json
+    names the file; under torchrun only rank 0 prints a config error, the others exit 1 silently."""
+    (tmp_path / "afile").write_text("")
+    path = write_cfg(tiny_cfg(tiny_data, tmp_path / "afile"), tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match=f"checkpoint.dir {tmp_path / 'afile'} is a file, not a directory"):
+        train.load_config([path])
+    cfg = train.load_config([path, f"checkpoint.dir={tmp_path / 'afile' / 'out'}"])
+    with pytest.raises(OSError, match=f"checkpoint.dir {tmp_path / 'afile' / 'out'}: cannot create it "
+                                      r"\(Not a directory\)"):
+        train.train(cfg)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"not": "json\n')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'model' / 'config.json'}: not valid JSON"):
+        train.checkpoint_dtype(tmp_path / "model", torch.float32)
+    monkeypatch.setenv("RANK", "1")  # rank 0 prints it (test_config_missing_files)
+    with pytest.raises(SystemExit) as e:
+        train.main([path, "bogus.key=1"])
+    assert e.value.code == 1  # the status of a one-line error, with nothing printed
+
+
+def test_settings_that_do_nothing_are_noted(tiny_data, tmp_path, monkeypatch, capsys):
+    """Periodic validation without dataset.valid_split, periodic evaluation without evaluation.split: a note each
+    (before the data is read: the fake tokenizer load ends the run there)."""
+    def stop(*a, **kw):
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(train, "load_tokenizer", stop)
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", dataset={"valid_split": ""},
+                   regime={"validate_every_n_steps": 1}, evaluation={"every_n_steps": 2})
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_in_process(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert "note: regime.validate_every_n_steps=1 does nothing without dataset.valid_split" in out
+    assert "note: evaluation.every_n_steps=2 does nothing without evaluation.split" in out
+
+
+def test_hub_errors_name_the_key_the_tokenizer_came_from(tiny_data, tmp_path, monkeypatch):
+    """With tokenizer.path empty the tokenizer is fetched from model.path: its errors name model.path (not an unset
+    tokenizer.path), and only the tokenizer's small files are fetched first."""
+    seen = []
+
+    def hub_snapshot(url, what, repo_type, tokenizer_only=False):
+        seen.append((what, tokenizer_only))
+        raise FileNotFoundError(f"{what} {url}: cannot get Hub {repo_type}")
+    monkeypatch.setattr(train.data, "hub_snapshot", hub_snapshot)
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", model={"name": "", "path": "hg://org/name"}, tokenizer={"path": ""})
+    with pytest.raises(FileNotFoundError, match=r"^model.path \(the tokenizer's source: tokenizer.path is empty\) "
+                                                "hg://org/name: cannot get Hub model"):
+        train_in_process(cfg, tmp_path)
+    cfg["tokenizer"]["path"] = "hg://org/tok"
+    with pytest.raises(FileNotFoundError, match="^tokenizer.path hg://org/tok: cannot get Hub model"):
+        train_in_process(cfg, tmp_path)
+    assert [tokenizer_only for _, tokenizer_only in seen] == [True, True]
 
 
 def test_fresh_run_into_a_directory_with_checkpoints_is_refused(tiny_data, tmp_path):
@@ -285,7 +355,7 @@ def test_logged_mfu_is_model_flops_of_the_real_tokens(tiny_data, tmp_path, monke
     train_in_process(cfg, tmp_path)
     recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     loader = data.build_loader(train.load_config([write_cfg(cfg, tmp_path / "c.yaml")]).dataset,
-                               train.load_tokenizer("byte", ""), "train")
+                               train.load_tokenizer("byte", "", ""), "train")
     args = M.get_preset("tiny_llama")
     for step in range(4):  # the same batches the run took (one rank, 2 micro-batches a step)
         batches = [next(loader) for _ in range(2)]
@@ -304,7 +374,7 @@ def test_num_data_epochs_limits_the_run_and_the_schedule(tiny_data, tmp_path, ca
                    lr_scheduler={"name": "linear", "final_lr_scale": 0.0})
     res = train_in_process(cfg, tmp_path, "a.yaml")
     per_epoch = data.build_loader(train.load_config([write_cfg(cfg, tmp_path / "a.yaml")]).dataset,
-                                  train.load_tokenizer("byte", ""), "train").batches_per_epoch
+                                  train.load_tokenizer("byte", "", ""), "train").batches_per_epoch
     expected = -(-2 * per_epoch // 3)
     assert 2 < expected < 1000 and res["step"] == expected
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -353,7 +423,7 @@ def test_untrained_special_tokens_the_data_uses_are_fixed_at_load(tiny_data, tmp
     out = capsys.readouterr().out
     assert "model: 2 untrained (all-zero) embedding rows; the data uses 1, set to the mean embedding: <|eos|>" in out
     assert data.ids_present(data.build_loader(train.load_config([write_cfg(cfg, tmp_path / "c.yaml")]).dataset,
-                                              train.load_tokenizer("byte", ""), "train").data, [257, 259]) == [257]
+                                              train.load_tokenizer("byte", "", ""), "train").data, [257, 259]) == [257]
 
 
 def test_hf_export_keeps_the_pretrained_generation_config(tiny_data, tmp_path):
@@ -691,7 +761,7 @@ def test_logged_loss_is_per_supervised_token_over_the_window(tiny_data, tmp_path
                      regime={"publish_metrics_every_n_steps": 2})
     train_in_process(pairs, tmp_path, "pairs.yaml")
     cfg = train.load_config([write_cfg(every, tmp_path / "every.yaml")])
-    loader = data.build_loader(cfg.dataset, train.load_tokenizer("byte", ""), "train", seed=cfg.trainer.seed)
+    loader = data.build_loader(cfg.dataset, train.load_tokenizer("byte", "", ""), "train", seed=cfg.trainer.seed)
     n = [next(loader).num_label_tokens for _ in range(4)]
     step = losses(tmp_path / "every")
     want = {k: (step[k - 1] * n[k - 2] + step[k] * n[k - 1]) / (n[k - 2] + n[k - 1]) for k in (2, 4)}
@@ -709,6 +779,103 @@ def test_stop_in_the_last_step_does_the_end_work_once_at_the_relaunch(tiny_data,
         assert train_in_process(cfg, tmp_path)["step"] == 3
     vals = [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").open()) if "val_loss" in r]
     assert vals == [3], vals
+
+
+def fake_evaluate(calls, fail=None):
+    """generate.evaluate_gsm8k's stand-in: records each call; fail(n) for the n-th call (1-based) may raise or signal."""
+    def evaluate(model, tok, examples, **kw):
+        calls.append(len(examples))
+        if fail:
+            fail(len(calls))
+        return {"accuracy": 0.0, "correct": 0, "strict_correct": 0, "total": len(examples), "predictions": [],
+                "skipped": dict.fromkeys(train.generate.SKIP_REASONS, 0)}
+    return evaluate
+
+
+def end_records(out_dir) -> list[tuple[int, str]]:
+    """(step, kind) of the validation and evaluation records of metrics.jsonl."""
+    recs = map(json.loads, (Path(out_dir) / "metrics.jsonl").open())
+    return [(r["step"], "val" if "val_loss" in r else "eval") for r in recs if "loss" not in r]
+
+
+def test_the_final_checkpoint_is_written_before_the_end_work(tiny_data, tmp_path, monkeypatch):
+    """An error in the final evaluation (e.g. a prompt too long for the model) leaves the final checkpoint, not
+    marked done: the relaunch trains nothing, validates and evaluates again (each logged once), marks it done; a
+    further relaunch does neither."""
+    def too_long(n):
+        if n == 1:
+            raise ValueError("prompt too long")
+    calls = []
+    monkeypatch.setattr(train.generate, "evaluate_gsm8k", fake_evaluate(calls, too_long))
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", regime={"num_steps": 2},
+                   evaluation={"split": "valid", "at_start": False, "limit": 2})
+    with pytest.raises(ValueError, match="prompt too long"):
+        train_in_process(cfg, tmp_path)
+    ckpts = train.complete_checkpoints(tmp_path / "out" / "checkpoints")
+    assert [c.name for c in ckpts] == ["step_00000002"]
+    assert not torch.load(ckpts[0] / "trainer_state.pt", weights_only=False).get("done")
+    for _ in range(2):
+        assert train_in_process(cfg, tmp_path)["step"] == 2
+    assert len(calls) == 2 and end_records(tmp_path / "out") == [(2, "val"), (2, "eval")]
+    assert torch.load(ckpts[0] / "trainer_state.pt", weights_only=False)["done"]
+
+
+@pytest.mark.parametrize("during", ["validation", "evaluation"])
+def test_a_signal_during_the_end_work_stops_with_its_status(during, tiny_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM during the final validation or evaluation (after the final checkpoint) skips the rest of that work
+    and the HF export, and exits 143 as a stop mid-training does; the checkpoint stays not done, so the relaunch
+    validates, evaluates (each logged once) and exports."""
+    def sigterm(*_):
+        os.kill(os.getpid(), signal.SIGTERM)
+    calls = []
+    monkeypatch.setattr(train.generate, "evaluate_gsm8k", fake_evaluate(calls, sigterm if during == "evaluation" else None))
+    forward = M.Transformer.forward
+
+    def forward_then_sigterm(self, *a, **kw):  # in eval mode: validation (evaluation is the fake)
+        if not self.training:
+            sigterm()
+        return forward(self, *a, **kw)
+    if during == "validation":
+        monkeypatch.setattr(M.Transformer, "forward", forward_then_sigterm)
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", regime={"num_steps": 2}, checkpoint={"export_hf": True},
+                   evaluation={"split": "valid", "at_start": False, "limit": 2})
+    path = write_cfg(cfg, tmp_path / "c.yaml")
+    with pytest.raises(SystemExit) as e:
+        train.main([path])
+    assert e.value.code == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    assert "step 2: saved checkpoint" in out and "rank 0: got SIGTERM: stop (step 2 is checkpointed)" in out
+    assert "step 2: stopped by a signal" in out and not (tmp_path / "out" / "hf").exists()
+    assert len(calls) == (during == "evaluation") and end_records(tmp_path / "out") == \
+        [(2, "val")] + [(2, "eval")] * (during == "evaluation")
+    ckpt = train.complete_checkpoints(tmp_path / "out" / "checkpoints")[-1]
+    assert not torch.load(ckpt / "trainer_state.pt", weights_only=False).get("done")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(train.generate, "evaluate_gsm8k", fake_evaluate(calls))
+    assert train_in_process(cfg, tmp_path)["step"] == 2
+    assert end_records(tmp_path / "out") == [(2, "val"), (2, "eval")] and (tmp_path / "out" / "hf").is_dir()
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["done"]
+
+
+def test_ctrl_c_twice_during_a_checkpoint_write_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    """The second Ctrl-C lands inside DCP's write, which wraps the KeyboardInterrupt in a CheckpointException (a
+    140-line traceback): main says it in one line and exits 130; no checkpoint is complete."""
+    monkeypatch.setattr(train, "get_lr", get_lr_then_ctrl_c)  # the first Ctrl-C: checkpoint after step 3
+    from torch.distributed.checkpoint import FileSystemWriter
+    write = FileSystemWriter.write_data
+
+    def ctrl_c_then_write(self, *a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        return write(self, *a, **kw)
+    monkeypatch.setattr(FileSystemWriter, "write_data", ctrl_c_then_write)
+    path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", dataset={"valid_split": ""}), tmp_path / "c.yaml")
+    with pytest.raises(SystemExit) as e:
+        train.main([path])
+    assert e.value.code == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: quit at once, without a checkpoint") and err.count("\n") == 1, err
+    assert train.complete_checkpoints(tmp_path / "out" / "checkpoints") == []
 
 
 def test_nonfinite_loss_stops_or_skips(tiny_data, tmp_path):
@@ -746,6 +913,18 @@ def test_vocab_check_is_on_the_ids_the_model_sees(tiny_data, tmp_path, llama3_to
     cfg = tiny_cfg(tiny_data, tmp_path / "bad", tokenizer={"path": str(qwen3_tokenizer_dir)})
     with pytest.raises(ValueError, match="does not fit the model's vocab_size=512"):
         train_in_process(cfg, tmp_path, "bad.yaml")
+
+
+def test_a_preset_too_small_for_the_tokenizer_says_what_to_use(tiny_data, tmp_path, monkeypatch):
+    """A preset's random init has its own vocabulary size (tiny_llama: 512, for the byte tokenizer): a tokenizer it
+    cannot hold gets told to use model.path (its model's HF directory) or a full-size preset, in one line."""
+    import dataclasses
+    monkeypatch.setitem(M.PRESETS, "tiny_llama", dataclasses.replace(M.get_preset("tiny_llama"), vocab_size=200))
+    with pytest.raises(ValueError, match=r"does not fit the model's vocab_size=200: .*; model.name=tiny_llama has a "
+                                         r"200-token vocabulary: use model.path with the HF directory of the "
+                                         r"tokenizer's model, or a full-size preset") as e:
+        train_in_process(tiny_cfg(tiny_data, tmp_path / "out", dataset={"valid_split": ""}), tmp_path)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
