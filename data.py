@@ -6,7 +6,7 @@ packed batches, formed globally and strided over data-parallel ranks, resumable,
     batch = next(loader); loss_sum = model(batch.tokens, batch.positions, batch.doc_ids, labels=batch.labels)
 
 Sources (dataset.path): a .jsonl/.parquet file (the train split only); a directory with <split>.jsonl,
-<split>/**/*.jsonl or, as the Hub lays datasets out, **/<split>-*.jsonl (.parquet too: needs pyarrow; all files of
+<split>/**/*.jsonl or, as the Hub lays datasets out, **/<split>-NNNNN*.jsonl (.parquet too: needs pyarrow; all files of
 the layout are read, and two layouts of one split side by side are an error); or
 hg://org/name[/subdir], fetched by huggingface_hub.snapshot_download (HF_HUB_CACHE/HF_HOME/HF_HUB_OFFLINE apply).
 Records: {"src", "tgt"} (names from src_field/tgt_field: GSM8K is question/answer) or {"messages" | "chat": [{"role":
@@ -166,7 +166,7 @@ def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok:
     layouts, seen = [], set()  # (level, files, the files no layout before it has): the layouts present
     for level, patterns in enumerate(([f"{split}.{e}" for e in exts],
                                       [f"{split}/**/*.{e}" for e in exts],
-                                      [f"**/{split}.{e}" for e in exts] + [f"**/{split}-*.{e}" for e in exts])):
+                                      [f"**/{split}.{e}" for e in exts] + [f"**/{split}-[0-9]*.{e}" for e in exts])):
         files = sorted({os.path.abspath(f) for p in patterns for f in glob.glob(os.path.join(path, p), recursive=True)})
         if new := [f for f in files if f not in seen]:  # **/<split>.jsonl also matches <split>.jsonl itself
             layouts.append((level, files, new))
@@ -175,7 +175,7 @@ def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok:
         if missing_ok:
             return []
         raise FileNotFoundError(f"no data for split '{split}' in {path}: expected {split}.jsonl, {split}/**/*.jsonl "
-                                f"or **/{split}-*.jsonl (or .parquet)")
+                                f"or **/{split}-00000-of-00001.jsonl (or .parquet)")
     # A layout's files are all read (shards, languages in subdirectories). Two layouts side by side (train.jsonl
     # beside train/part-1.jsonl or data/train-00000-of-00001.parquet) are usually one dataset twice, a converted or
     # re-sharded copy: reading one would silently ignore the other, reading both would repeat examples.
@@ -183,7 +183,7 @@ def resolve_files(path: str, split: str, what: str = "dataset.path", missing_ok:
         shown = [", ".join(os.path.relpath(f, path) for f in new[:2]) + (f" (+{len(new) - 2} more)" if len(new) > 2
                                                                          else "") for _, _, new in layouts]
         raise ValueError(f"{what} {path}: split '{split}' is there in {len(layouts)} layouts, {' and '.join(shown)}: "
-                         "keep one layout (move or delete the other files)")
+                         f"keep one layout (move or delete the other files, or point {what} at one of them)")
     level, files, _ = layouts[0]
     # Both would be read, each example twice: <split>.jsonl beside <split>.parquet, or a Hub dataset's configs
     # (hg://openai/gsm8k holds main/ and socratic/, the same questions with two answer styles; a local directory

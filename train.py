@@ -188,8 +188,9 @@ def _merge(obj, d: dict, where: str, prefix: str = ""):
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """YAML 1.2's booleans: only true / false (any case). PyYAML follows YAML 1.1, where off / on / yes / no are
-    booleans too, so `activation_checkpointing: off` (a string field) would arrive as False."""
+    """PyYAML's safe loader with YAML 1.2's booleans only: true / false (any case). In YAML 1.1 off / on / yes / no are
+    booleans too, so `activation_checkpointing: off` (a string field) would arrive as False. (Other YAML 1.1 rules,
+    e.g. 010 = 8, are kept.)"""
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {  # a copy without the YAML 1.1 bool resolver (the others kept, in order)
@@ -608,7 +609,16 @@ def load_eval_examples(cfg: Config) -> list[dict]:
     for i, (c, row) in enumerate(rows):
         if c.src_field not in row or c.tgt_field not in row:
             raise ValueError(f"evaluation.split={e.split}: example {i} lacks field {c.src_field!r} or {c.tgt_field!r}")
-    return [{"question": row[c.src_field], "answer": row[c.tgt_field]} for c, row in rows]
+    examples = [{"question": row[c.src_field], "answer": row[c.tgt_field]} for c, row in rows]
+    # known now, not at the end of a long run: an evaluation that would score nothing (evaluate_gsm8k skips them)
+    no_gold = sum(generate.question_and_gold(ex)[1] is None for ex in examples)
+    if no_gold == len(examples):
+        raise ValueError(f"evaluation.split={e.split}: none of its {len(examples)} examples has a '#### N' answer "
+                         "(GSM8K style) to score: point evaluation.split at such data, or set it to ''")
+    if no_gold:
+        print0(f"evaluation.split={e.split}: {no_gold} of {len(examples)} examples have no '#### N' answer: "
+               "skipped and counted at each evaluation")
+    return examples
 
 
 # Dense bf16 peak per GPU (NVIDIA spec sheets), looked up by the first key the device name contains: the PCIe and
@@ -1161,8 +1171,8 @@ def main(argv: list[str]):
         if isinstance(e, dcp.CheckpointException) and not any(isinstance(f, KeyboardInterrupt)
                                                               for f, _ in e.failures.values()):
             raise
-        print("interrupted: quit at once, without a checkpoint of this step; launch the same command again to resume "
-              "from the newest complete one", file=sys.stderr, flush=True)
+        print("interrupted: quit at once; launch the same command again to resume (or finish) from the newest "
+              "complete checkpoint", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGINT) from None
     except torch.OutOfMemoryError as e:
         asked = re.search(r"Tried to allocate [\d.]+ \w+", str(e))  # the rest of torch's message is pages long

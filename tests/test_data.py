@@ -63,7 +63,7 @@ def dataset_cfg(kind, tmp_path, qa_dir, **kw):
 
 def tagged_rows(tag, n, src="src", tgt="tgt"):
     """Examples whose prompt starts with [<tag><i>], so a batch's text tells which source and example it holds."""
-    return [{src: f"[{tag}{i}] " + "x" * (i % 7), tgt: f"ok {i}"} for i in range(n)]
+    return [{src: f"[{tag}{i}] " + "x" * (i % 7), tgt: f"#### {i}"} for i in range(n)]
 
 
 def tags_of(batches, tok):
@@ -232,6 +232,9 @@ def test_two_layouts_of_a_split_are_an_error(tmp_path, tok):
     with pytest.raises(ValueError, match=r"2 layouts, train.jsonl and data/train-00000-of-00001.parquet: keep one"):
         build_loader(cfg_for(tmp_path, tmp_path / "d"), tok, "train")
     assert len(build_loader(cfg_for(tmp_path, tmp_path / "d"), tok, "valid").data) == 2  # the other split: one layout
+    shutil.rmtree(tmp_path / "d" / "data")
+    write_jsonl(tmp_path / "d" / "train-small.jsonl", qa_rows(3))  # another dataset, not a shard (no digit after -)
+    assert len(build_loader(cfg_for(tmp_path, tmp_path / "d"), tok, "train").data) == 4
 
 
 def offline_hub_repo(tmp_path, monkeypatch, repo_id: str, kind: str = "datasets") -> Path:
@@ -632,7 +635,7 @@ def test_mix_validation_split_and_eval_examples(tmp_path, tok, capsys):
     c = train.Config(dataset=cfg, evaluation=train.EvaluationConfig(split="valid"))
     rows = train.load_eval_examples(c)  # each source's own field names
     assert [r["question"].split("]")[0] for r in rows] == ["[v0", "[v1", "[v2", "[w0", "[w1"]
-    assert rows[3]["answer"] == "ok 0"
+    assert rows[3]["answer"] == "#### 0"
     c.evaluation.split = "test"
     with pytest.raises(FileNotFoundError, match="no entry of dataset.sources has a 'test' split"):
         train.load_eval_examples(c)

@@ -322,6 +322,21 @@ def test_evaluation_never_reads_a_single_train_file(tiny_data, tmp_path):
     assert len(train.load_eval_examples(train.load_config([path, f"evaluation.split={valid_file}"]))) == 16
 
 
+def test_an_evaluation_split_without_gold_answers_fails_at_start(tiny_data, tmp_path, capsys):
+    """Every example without a '#### N' answer would score nothing, found only at the end of the run: an error at
+    load time; some without one are noted (evaluate_gsm8k skips and counts them)."""
+    rows = [{"question": "What is 1 + 1?", "answer": "2"}] * 3
+    (tmp_path / "no_gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", evaluation={"split": str(tmp_path / "no_gold.jsonl")}),
+                     tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match=r"none of its 3 examples has a '#### N' answer"):
+        train.load_eval_examples(train.load_config([path]))
+    (tmp_path / "no_gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [{"question": "q",
+                                                                                           "answer": "#### 4"}]))
+    assert len(train.load_eval_examples(train.load_config([path]))) == 4
+    assert "3 of 4 examples have no '#### N' answer" in capsys.readouterr().out
+
+
 def test_lr_schedule():
     cfg = train.Config()
     cfg.regime.num_steps, cfg.optimizer.lr = 110, 1.0
@@ -874,7 +889,7 @@ def test_ctrl_c_twice_during_a_checkpoint_write_is_one_line(tiny_data, tmp_path,
         train.main([path])
     assert e.value.code == 128 + signal.SIGINT
     err = capsys.readouterr().err
-    assert err.startswith("interrupted: quit at once, without a checkpoint") and err.count("\n") == 1, err
+    assert err.startswith("interrupted: quit at once; launch the same command again") and err.count("\n") == 1, err
     assert train.complete_checkpoints(tmp_path / "out" / "checkpoints") == []
 
 
