@@ -407,8 +407,7 @@ def resolve_model_dir(path) -> Path:
     is; for a train.py output directory, the newer of its HF export (hf/) and its newest complete checkpoint;
     hg://org/name: its snapshot in the local Hub cache (downloaded first if need be)."""
     import train  # lazily: only this path needs train.py's checkpoint layout
-    # data.py's Hub resolver, as train.py's model.path uses it; on the str: Path() would collapse the // into hg:/
-    path = Path(data.hub_snapshot(str(path), "MODEL", "model") if str(path).startswith("hg://") else path)
+    path = train.resolve_path(str(path), "MODEL")  # as model.path; on the str: Path() would collapse hg:// to hg:/
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
     if _is_hf_dir(path) or (path / "trainer_state.pt").is_file():
@@ -421,8 +420,8 @@ def resolve_model_dir(path) -> Path:
     return max(found, key=lambda f: f.stat().st_mtime).parent
 
 
-def _run_tokenizer(model_dir: Path) -> tuple[str, str | None] | None:
-    """(tokenizer path, chat_format) that train.py used for this checkpoint or export, if known."""
+def _run_tokenizer(model_dir: Path) -> tuple[str, str, str] | None:
+    """(tokenizer.path, model.path, tokenizer.chat_format) of the train.py run of this checkpoint or export, if known."""
     if (model_dir / "trainer_state.pt").is_file():
         cfg = torch.load(model_dir / "trainer_state.pt", weights_only=False)["config"]
     elif (model_dir.parent / "config.yaml").is_file() and any((model_dir.parent / f).exists()
@@ -434,30 +433,29 @@ def _run_tokenizer(model_dir: Path) -> tuple[str, str | None] | None:
     tok, model = (cfg.get(k) if isinstance(cfg, dict) else None for k in ("tokenizer", "model"))
     if not (isinstance(tok, dict) and isinstance(model, dict)):
         return None  # a YAML file beside the model that is not a train.py run config
-    return tok.get("path") or model.get("path"), tok.get("chat_format") or None
+    return tok.get("path") or "", model.get("path") or "", tok.get("chat_format") or ""
 
 
 def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
     """(model in eval mode, tokenizer) from MODEL (see resolve_model_dir). The tokenizer: tokenizer_path if given;
-    else the tokenizer files in an HF directory; else the training run's tokenizer.path (the byte tokenizer has no
-    files). The run's tokenizer.chat_format applies unless tokenizer_path is given. hg://org/name (MODEL or
-    tokenizer_path) is fetched from the Hub (a tokenizer: its small files only)."""
+    else the tokenizer files in an HF directory; else the training run's tokenizer (train.py's load_tokenizer: its
+    tokenizer.path or model.path; the byte tokenizer has no files). The run's tokenizer.chat_format applies unless
+    tokenizer_path is given. hg://org/name (MODEL or tokenizer_path) is fetched from the Hub (a tokenizer: its small
+    files only)."""
     import train
-    if tokenizer_path is not None and tokenizer_path.startswith("hg://"):
-        tokenizer_path = data.hub_snapshot(tokenizer_path, "--tokenizer", "model", tokenizer_only=True)
     model_dir = resolve_model_dir(path)
     run = _run_tokenizer(model_dir)
-    chat_format = run[1] if run and tokenizer_path is None else None
-    if tokenizer_path is None:
-        if _is_hf_dir(model_dir) and any((model_dir / f).is_file() for f in ("tokenizer.model", "tokenizer.json",
-                                                                             "vocab.json")):
-            tokenizer_path = str(model_dir)
-        elif run is not None:
-            tokenizer_path = run[0] if run[0] == "byte" else str(train.resolve_path(run[0], "tokenizer.path"))
-        else:
-            raise FileNotFoundError(f"{model_dir} has no tokenizer files (tokenizer.model, tokenizer.json, vocab.json)"
-                                    f" and no train.py config names one: pass --tokenizer PATH (or 'byte')")
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path, chat_format)
+    if tokenizer_path is not None:
+        tokenizer = tokenizer_lib.load_tokenizer(str(train.resolve_path(tokenizer_path, "--tokenizer",
+                                                                        tokenizer_only=True)))
+    elif _is_hf_dir(model_dir) and any((model_dir / f).is_file() for f in ("tokenizer.model", "tokenizer.json",
+                                                                           "vocab.json")):
+        tokenizer = tokenizer_lib.load_tokenizer(str(model_dir), (run[2] or None) if run else None)
+    elif run is not None:
+        tokenizer = train.load_tokenizer(*run)
+    else:
+        raise FileNotFoundError(f"{model_dir} has no tokenizer files (tokenizer.model, tokenizer.json, vocab.json)"
+                                f" and no train.py config names one: pass --tokenizer PATH (or 'byte')")
     if _is_hf_dir(model_dir):
         return model_lib.load_hf(model_dir, dtype=dtype, device=device).eval(), tokenizer
     model, _ = train.load_checkpoint_model(model_dir)  # a DCP checkpoint, resharded to this one process

@@ -328,14 +328,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def resolve_path(path: str, what: str, tokenizer_only: bool | None = None) -> Path:
+def resolve_path(path: str, what: str, tokenizer_only: bool = False) -> Path:
     """A local path as is; hg://org/name through huggingface_hub (local rank 0 downloads, the others reuse its cache).
-    what: the config key, for errors; tokenizer_only: fetch a tokenizer's small files only (default: what is
-    tokenizer.path)."""
+    what: the config key, for errors; tokenizer_only: fetch a tokenizer's small files only."""
     if not path.startswith("hg://"):
         return Path(path)
-    small = what == "tokenizer.path" if tokenizer_only is None else tokenizer_only
-    fetch = lambda: data.hub_snapshot(path, what, "model", tokenizer_only=small)  # noqa: E731
+    fetch = lambda: data.hub_snapshot(path, what, "model", tokenizer_only=tokenizer_only)  # noqa: E731
     local = fetch() if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None
     barrier()
     return Path(local or fetch())
