@@ -995,6 +995,12 @@ def train(cfg: Config) -> dict:
         publish(rec)
         window = dict.fromkeys(window, 0)
 
+    def checkpoint():
+        nonlocal saved
+        saved = (step, save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
+                                       cfg.regime.keep_last_n_checkpoints))
+        print0(f"step {step}: saved checkpoint {saved[1]}")
+
     with stop_signals() as signalled:  # [flag, signal number]: a stop was asked (see stop_signals)
         def signal_agreed() -> bool:
             """Whether any rank got a stop signal: every rank asks at the same point, so all of them get one answer."""
@@ -1013,9 +1019,7 @@ def train(cfg: Config) -> dict:
                 if prof is not None:  # stopped inside trainer.profile_steps: keep what was traced
                     finish_profiler(prof, out_dir / "profile", rank, [cfg.trainer.profile_steps[0], step], device)
                 if unsaved:
-                    path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
-                                           cfg.regime.keep_last_n_checkpoints)
-                    print0(f"step {step}: saved checkpoint {path}")
+                    checkpoint()
                 print0(f"step {step}: stopped by a signal; launch the same command again to resume")
                 result["stopped"] = signalled[1] or signal.SIGTERM  # the signal (another rank's, for the others)
                 break
@@ -1030,10 +1034,7 @@ def train(cfg: Config) -> dict:
             # The checkpoint before the validation and evaluation: an error in them (e.g. an evaluation prompt longer
             # than the model's context) must not lose the steps since the last one.
             if step > start_step and (last or every(cfg.regime.checkpoint_every_n_steps)):
-                path = save_checkpoint(ckpt_root, step, model, optimizer, train_loader, extra,
-                                       cfg.regime.keep_last_n_checkpoints)
-                saved = (step, path)
-                print0(f"step {step}: saved checkpoint {path}")
+                checkpoint()
             # A signal during the end work (or the final checkpoint's write) skips what is left of it: no training step
             # is left to carry the flag in its all-reduce, so the ranks agree on it before each part and after the last.
             stop = end and signal_agreed()
