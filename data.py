@@ -32,7 +32,7 @@ example is never kept with 0 supervised tokens.
 
 Cache: <cache_dir or ~/.cache/sft/data>/<name>-<split>-<hash>/{tokens.bin uint32, mask.bin uint8, offsets.bin
 int64 (n+1), meta.json}. The hash covers the source files (path, size, mtime), the tokenizer (its `fingerprint`
-attribute, else class name, backend, merges-only flag, vocab size, special and stop ids, chat format, the ids of a
+attribute, else class name, backend, vocab size, special and stop ids, chat format, the ids of a
 probe text and chat, and the names and bytes of tokenizer.loaded_from: the files it was built from, not every
 tokenizer file of its directory) and the encoding options (max_seq_len among them: it decides drops and truncation); the other
 batching options are not in it (batches are planned at start-up). The node-local rank 0 builds it with forked worker
@@ -410,9 +410,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
         return str(fp)
     h = hashlib.sha256()
     probe = "Hello, world! 12345 <|eot_id|> <|im_end|> héllo\n\n  x"
-    parts = [type(tokenizer).__name__, getattr(tokenizer, "backend", None), getattr(tokenizer, "merges_only", None),
-             tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, getattr(tokenizer, "eot_id", None),
-             getattr(tokenizer, "stop_ids", None), getattr(tokenizer, "chat_format", None), tokenizer.encode(probe)]
+    parts = [type(tokenizer).__name__, getattr(tokenizer, "backend", None), tokenizer.vocab_size, tokenizer.bos_id,
+             tokenizer.eos_id, tokenizer.pad_id, getattr(tokenizer, "eot_id", None), getattr(tokenizer, "stop_ids", None),
+             getattr(tokenizer, "chat_format", None), tokenizer.encode(probe)]
     try:
         parts.append(tokenizer.render_chat([{"role": "user", "content": "2+2?"},
                                             {"role": "assistant", "content": "4"}]))

@@ -109,12 +109,13 @@ class Tokenizer:
     def __init__(self, backend, model, *, special: dict[str, int], matched: dict[str, int] | None = None,
                  vocab_size: int, bos: str | None, eos: str | None, pad: str | None, extra_stop=(),
                  chat_format: str | None = None, chat_template: str | None = None, nfc=False, files=(),
-                 loaded_from=(), merges_only=False):
+                 loaded_from=()):
         self.backend, self.model = backend, model       # "byte" | "tiktoken" | "sentencepiece"
-        # what decides the ids: the files read (the data cache hashes them) and the BPE mode. `files` is every
-        # tokenizer file of the directory, which save() copies: a directory's tokenizer.model and tokenizer.json are
-        # both there, whichever was read, and they tokenize differently (merges only: " Việt" is never one token)
-        self.loaded_from, self.merges_only = list(loaded_from), merges_only
+        # what decides the ids: the files read (the data cache hashes them; the BPE mode follows from them). `files`
+        # is every tokenizer file of the directory, which save() copies: a directory's tokenizer.model and
+        # tokenizer.json are both there, whichever was read, and they tokenize differently (merges only: " Việt" is
+        # never one token)
+        self.loaded_from = list(loaded_from)
         self.special = special                          # control tokens: never produced from text by encode()
         self.matched = matched or {}                    # non-special added tokens (<think>): HF matches them in text
         self._allowed = set(self.matched)
@@ -761,8 +762,7 @@ def load_tokenizer(path: str, chat_format: str | None = None) -> Tokenizer:
     return Tokenizer("tiktoken", enc, special={s: i for s, i in specials.items() if added[s][1]},
                      matched={s: i for s, i in specials.items() if not added[s][1]}, vocab_size=enc.n_vocab, bos=bos,
                      eos=eos, pad=pad, extra_stop=_as_list(gen.get("eos_token_id")), chat_format=chat_format,
-                     chat_template=_chat_template(d, cfg), nfc=nfc, files=files, loaded_from=read + configs,
-                     merges_only=merges_only)
+                     chat_template=_chat_template(d, cfg), nfc=nfc, files=files, loaded_from=read + configs)
 
 
 def _as_list(x):
