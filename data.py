@@ -26,9 +26,10 @@ it, unweighted; a source without it is reported and skipped.
 
 Lengths are MODEL tokens: n ids give n-1 inputs (tokens = ids[:-1], labels = ids[1:] where mask[1:] else -100).
 Examples under min_seq_len, over max_seq_len or with no supervised label are dropped and counted by reason.
-truncate: true cuts long examples instead: first the prompt, just after its first token (bos / first header token
-kept; the prompt's end, next to the answer, kept longest), then the end of the response (eos included); an
-example is never kept with 0 supervised tokens.
+truncate: true cuts long examples instead, keeping their start (TRL's keep_start): the prompt stays whole and the
+response loses its end (eos included). Cutting the prompt instead would train answers on contexts that inference
+never shows (a chat without its headers, an answer without its question). An example whose prompt alone fills
+max_seq_len (0 supervised tokens left) is dropped as too_long.
 
 Cache: <cache_dir or ~/.cache/sft/data>/<name>-<split>-<hash>/{tokens.bin uint32, mask.bin uint8, offsets.bin
 int64 (n+1), meta.json}. The hash covers the source files (path, size, mtime), the tokenizer (its `fingerprint`
@@ -71,10 +72,10 @@ import torch
 
 from tokenizer import TRAIN_ON
 
-CACHE_VERSION = 7  # 3: chat records with tools render them; 4: meta counts no_stop_token; 5: truncation cuts the
+CACHE_VERSION = 8  # 3: chat records with tools render them; 4: meta counts no_stop_token; 5: truncation cuts the
 # prompt first; 6: tokenizer.json with ignore_merges=false applies merges only, jinja masks of assistant-first chats;
 # 7: the tokenizer fingerprint hashes the files it was read from (a directory's tokenizer.model and tokenizer.json
-# shared one, and so one cache)
+# shared one, and so one cache); 8: truncation keeps the start (the prompt whole), cuts the response's end
 ENCODE_MODES = ("prompt", "prompt_response", "as_is")
 ROLES = ("system", "user", "assistant", "tool", "ipython")  # all formats' roles; render_chat checks its own
 POOL_MIN_BYTES = 1 << 20  # below ~1 MB of data, forking tokenizer workers costs more than it saves
@@ -242,6 +243,9 @@ def _no_network_hint(e: BaseException, what: str) -> str:
             "Face cache (HF_HOME / HF_HUB_CACHE) there and copy it here: HF_HUB_OFFLINE=1 then reads it")
 
 
+COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
 def read_records(file: str):
     """Yield (where, raw) for every non-blank record: raw is a bytes line (JSONL) or a dict (Parquet)."""
     if file.endswith(".parquet"):
@@ -256,6 +260,9 @@ def read_records(file: str):
         for lineno, line in enumerate(f, 1):
             if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Windows editors)
                 line = line[3:]
+            if lineno == 1 and (kind := next((k for magic, k in COMPRESSED if line.startswith(magic)), None)):
+                # else each line is "invalid UTF-8", and skip_bad_examples would skip the whole file
+                raise ValueError(f"{file} is {kind}-compressed: decompress it first (JSONL files are read as text)")
             line = line.rstrip(b"\r\n")  # CRLF
             if line.strip():
                 yield f"{file}:{lineno}", line
@@ -283,7 +290,8 @@ def parse_record(where: str, raw) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Encoding: record -> (ids, mask), mask[i] = 1 iff ids[i] is a supervised target
 
-def _string_field(obj, key, where):
+def string_field(obj, key, where):
+    """obj[key], which must be a str (BadExample naming `where` otherwise)."""
     if key not in obj:
         raise BadExample("missing_field", f"{where}: missing field '{key}' (keys: {', '.join(sorted(obj))[:200]})")
     if not isinstance(obj[key], str):
@@ -303,6 +311,11 @@ def encode_example(obj: dict, cfg: DatasetConfig, tokenizer, where: str) -> tupl
     # a null field is an absent one (Parquet fills a column that a src/tgt row lacks with null)
     key = next((k for k in (cfg.messages_field, "chat") if obj.get(k) is not None), None)
     if key is not None:
+        if obj.get(cfg.src_field) is not None and obj.get(cfg.tgt_field) is not None:
+            raise BadExample("ambiguous", f"{where}: both '{key}' (chat messages) and '{cfg.src_field}'/"
+                                          f"'{cfg.tgt_field}' are set: which one to train on is not clear; keep one of "
+                                          "them in the data, or point dataset.messages_field / src_field / tgt_field "
+                                          "at fields the records lack")
         messages = obj[key]
         if not isinstance(messages, list) or not messages:
             raise BadExample("bad_field", f"{where}: field '{key}' must be a non-empty list of messages")
@@ -312,8 +325,8 @@ def encode_example(obj: dict, cfg: DatasetConfig, tokenizer, where: str) -> tupl
                                               f"\"content\": ...}}, got {str(m)[:100]}")
         # "tools": function schemas, as apply_chat_template(tools=...) takes them (render_chat checks them)
         return _render(tokenizer, messages, train_on, where, obj.get("tools"))
-    src = _string_field(obj, cfg.src_field, where)
-    tgt = _string_field(obj, cfg.tgt_field, where)
+    src = string_field(obj, cfg.src_field, where)
+    tgt = string_field(obj, cfg.tgt_field, where)
     if not tgt:
         raise BadExample("empty_target", f"{where}: field '{cfg.tgt_field}' is empty (nothing to train on)")
     if cfg.chat_mode:
@@ -332,23 +345,10 @@ def encode_text(tokenizer, text: str, mode: str) -> list[int]:
     return tokenizer.encode(text, bos=mode == "prompt", eos=mode == "prompt_response")
 
 
-def response_start(obj: dict, cfg: DatasetConfig, tokenizer, where: str, mask: list[int]) -> int:
-    """Index of the response's first id (truncation cuts the prompt before it). Where the prompt is trained too
-    (train_on_prompt, train_on=all) the mask does not say it: the example is rendered again with the prompt masked."""
-    if cfg.train_on_prompt or cfg.train_on == "all":
-        prompt_masked = dataclasses.replace(cfg, train_on_prompt=False, train_on="assistant")
-        mask = encode_example(obj, prompt_masked, tokenizer, where)[1]
-    return mask.index(1) if 1 in mask else len(mask)
-
-
-def truncate_example(ids, mask, max_ids, first):
-    """Cut to max_ids ids, the prompt first (after its first token; the response starts at `first`), then the
-    response's end. Returns (ids, mask, whether the response's end was cut), or None if nothing supervised would
-    remain."""
-    cut = min(len(ids) - max_ids, max(first - 1, 0))
-    end_cut = len(ids) - cut > max_ids
-    ids, mask = (ids[:1] + ids[1 + cut:])[:max_ids], (mask[:1] + mask[1 + cut:])[:max_ids]
-    return (ids, mask, end_cut) if any(mask[1:]) else None
+def truncate_example(ids, mask, max_ids):
+    """The first max_ids ids (see the module docstring), or None if nothing supervised would remain."""
+    ids, mask = ids[:max_ids], mask[:max_ids]
+    return (ids, mask) if any(mask[1:]) else None
 
 
 def _encode_chunk(chunk):
@@ -370,14 +370,13 @@ def _encode_chunk(chunk):
         if n < cfg.min_seq_len:
             drops["too_short"] += 1
             continue
-        end_cut = False
-        if n > cfg.max_seq_len:
-            kept = truncate_example(list(ids), list(mask), cfg.max_seq_len + 1,
-                                    response_start(obj, cfg, tokenizer, where, mask)) if cfg.truncate else None
+        cut = n > cfg.max_seq_len
+        if cut:
+            kept = truncate_example(ids, mask, cfg.max_seq_len + 1) if cfg.truncate else None
             if kept is None:
                 drops["too_long"] += 1
                 continue
-            ids, mask, end_cut = kept
+            ids, mask = kept
             drops["truncated"] += 1  # kept; reported apart from the drops
         if not any(mask[1:]):
             drops["no_supervised"] += 1
@@ -388,7 +387,7 @@ def _encode_chunk(chunk):
         last = len(mask) - 1 - mask[::-1].index(1)  # the last supervised id
         while last > 1 and mask[last - 1] and ids[last] not in stops and not tokenizer.decode([ids[last]]).strip():
             last -= 1
-        no_stop += ids[last] not in stops and not end_cut
+        no_stop += ids[last] not in stops and not cut
         ids_out.extend(ids)
         mask_out.extend(mask)
         lengths.append(len(ids))
@@ -506,8 +505,13 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
         print(f"data: ... and {skipped - 5} more skipped (counted by reason in the report)", file=sys.stderr)
     if len(lengths) == 1:
         shutil.rmtree(tmp, ignore_errors=True)
+        top = max(drops, key=drops.get, default=None)  # the hint follows the main reason
+        hint = {"too_short": "lower dataset.min_seq_len", "too_long": "raise dataset.max_seq_len (or dataset.truncate="
+                "true)", "missing_field": "check the field names (dataset.src_field / tgt_field / messages_field)",
+                "no_supervised": "check dataset.train_on and the chat roles", "empty_file": "the file holds no records",
+                None: "the file holds no records"}.get(top, "see the skipped examples above")
         raise ValueError(f"{', '.join(files)[:300]}: no usable examples (read {num_read}, dropped "
-                         f"{dict(drops) or 'none'}); check the field names and min_seq_len/max_seq_len")
+                         f"{dict(drops) or 'none'}): {hint}")
     offsets = np.cumsum(np.asarray(lengths, np.int64))
     offsets.tofile(f"{tmp}/offsets.bin")
     meta = {"files": files, "num_read": num_read, "num_examples": len(lengths) - 1, "num_ids": int(offsets[-1]),
@@ -1182,7 +1186,8 @@ def report(c):
         for i in range(min(3, len(data))):
             ids, mask = data.example(i)
             print(f"--- example {i} ({len(ids)} ids, {int(mask[1:].sum())} supervised):")
-            print(visualize(ids.tolist(), mask.tolist(), tokenizer, color))
+            # the first id is never a target (nothing predicts it), whatever its mask says
+            print(visualize(ids.tolist(), [0] + mask[1:].tolist(), tokenizer, color))
 
 
 if __name__ == "__main__":

@@ -272,7 +272,15 @@ def load_jsonl(path) -> list[dict]:
                                 f"(e.g. {Path(path) / 'test.jsonl'})")
     if not Path(path).is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path}")
-    return [data.parse_record(where, raw) for where, raw in data.read_records(str(path))]
+    return [gsm8k_row(data.parse_record(where, raw), where) for where, raw in data.read_records(str(path))]
+
+
+def gsm8k_row(row: dict, where: str, fields: tuple[str, str] | None = None) -> dict:
+    """{"question", "answer"} of a record: its `fields` (question, answer), else GSM8K's names or src/tgt. Both must
+    be strings, checked when the file is read (naming file:line), not when an evaluation reaches the row."""
+    pairs = [fields] if fields else [("question", "answer"), ("src", "tgt")]
+    q, a = next((p for p in pairs if p[0] in row and p[1] in row), pairs[0])
+    return {"question": data.string_field(row, q, where), "answer": data.string_field(row, a, where)}
 
 
 def build_prompt(tokenizer, question: str, chat: bool, system: str | None = None,

@@ -103,6 +103,17 @@ def bytes_to_unicode() -> dict[int, str]:
 _MARKER = "\x00assistant-content\x00"  # stands for the content of a conversation's first (assistant) turn
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_utf8(text: str):
+    """A lone surrogate ("\\ud800" escaped in JSON) has no UTF-8 bytes: tiktoken would silently encode it as U+FFFD
+    and SentencePiece drop it, so the text trained on would not be the one in the data."""
+    if not text.isascii() and (m := _SURROGATE.search(text)):
+        raise ValueError(f"text holds a lone surrogate {m.group()!r} at character {m.start()}, which has no UTF-8 "
+                         "encoding (a broken \\uXXXX escape in the data?)")
+
+
 class Tokenizer:
     """One API over three backends: a tiktoken Encoding, a SentencePiece model, or plain UTF-8 bytes."""
 
@@ -153,6 +164,7 @@ class Tokenizer:
     def _encode(self, text: str) -> list[int]:
         if self.backend == "byte":
             return list(text.encode("utf-8"))
+        _check_utf8(text)
         if self.backend == "sentencepiece":
             return self.model.encode(text)
         if self.nfc:
@@ -172,6 +184,8 @@ class Tokenizer:
         if (bad := next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)) is not None:
             raise ValueError(f"encode_batch: texts[{bad}] is a {type(texts[bad]).__name__}, expected str")
         n = num_threads or os.cpu_count() or 1
+        for t in texts:
+            _check_utf8(t)
         if self.backend == "tiktoken":
             if self.nfc:
                 texts = [t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t) for t in texts]

@@ -601,13 +601,13 @@ def load_eval_examples(cfg: Config) -> list[dict]:
                                     "set evaluation.split to a split one has, or to a .jsonl path")
     else:
         groups = [(ds, data.resolve_files(ds.path, e.split, "dataset.path", train_split=ds.train_split))]
-    rows = [(c, data.parse_record(where, raw))
-            for c, files in groups for f in files for where, raw in data.read_records(f)]
+    rows = [(c, where, raw) for c, files in groups for f in files for where, raw in data.read_records(f)]
     rows = rows[:e.limit] if e.limit else rows
-    for i, (c, row) in enumerate(rows):
-        if c.src_field not in row or c.tgt_field not in row:
-            raise ValueError(f"evaluation.split={e.split}: example {i} lacks field {c.src_field!r} or {c.tgt_field!r}")
-    examples = [{"question": row[c.src_field], "answer": row[c.tgt_field]} for c, row in rows]
+    try:  # every field checked now (file:line), not when the evaluation reaches it after training
+        examples = [generate.gsm8k_row(data.parse_record(where, raw), where, (c.src_field, c.tgt_field))
+                    for c, where, raw in rows]
+    except data.BadExample as err:
+        raise ValueError(f"evaluation.split={e.split}: {err}") from None
     # known now, not at the end of a long run: an evaluation that would score nothing (evaluate_gsm8k skips them)
     no_gold = sum(generate.question_and_gold(ex)[1] is None for ex in examples)
     if no_gold == len(examples):
@@ -780,6 +780,9 @@ def train(cfg: Config) -> dict:
     if cfg.regime.validate_every_n_steps and not cfg.dataset.valid_split:
         print0(f"note: regime.validate_every_n_steps={cfg.regime.validate_every_n_steps} does nothing without "
                "dataset.valid_split")
+    for key, split in (("dataset.valid_split", cfg.dataset.valid_split), ("evaluation.split", cfg.evaluation.split)):
+        if split and split == cfg.dataset.train_split:
+            print0(f"note: {key}={split} is the train split: it measures the training data, not held-out data")
     if cfg.evaluation.every_n_steps and not cfg.evaluation.split:
         print0(f"note: evaluation.every_n_steps={cfg.evaluation.every_n_steps} does nothing without evaluation.split")
 

@@ -136,6 +136,70 @@ def setup_hf_packed(spec):
                   "fingerprint": fingerprint(b0.tokens)}
 
 
+def setup_trl(spec):
+    """TRL's SFTTrainer as its users run it: its own data pipeline (prompt-completion records tokenized by the HF
+    tokenizer, completion-only loss, packing=True: best-fit-decreasing rows of max_length flattened padding-free with
+    position_ids), its own loss (the fused, chunked LM head of TRL >= 1.x with its entropy / token-accuracy metrics),
+    the Trainer's default optimizer; driven one optimizer step at a time through Trainer.training_step."""
+    import json
+    import model as M
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    import transformers
+    transformers.logging.set_verbosity_error()  # its per-example notes would fill the benchmark's output
+    with open(os.path.join(spec["data"], "train.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    ds = Dataset.from_list([{"prompt": r["question"], "completion": r["answer"]} for r in records])
+    hf_tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    rows = spec["budget"] // spec["seq_len"]
+    cfg = SFTConfig(output_dir=os.path.join(spec["hf_dir"], "trl_out"), per_device_train_batch_size=rows,
+                    max_length=spec["seq_len"], packing=True, learning_rate=1e-5, max_grad_norm=1.0,
+                    seed=spec["seed"], save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+                    disable_tqdm=True, max_steps=10 ** 6)
+    t0 = time.perf_counter()
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=hf_tok)
+    prep_s = time.perf_counter() - t0
+    opt = trainer.create_optimizer()
+    loader = trainer.get_train_dataloader()
+    state = {"it": iter(loader)}
+
+    def next_batch():
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            return next(state["it"])
+
+    # The check: TRL's first batch through its fused head against our model on the same flattened row (documents
+    # from position_ids restarting at 0), per supervised token. TRL's sdpa path must isolate the documents too.
+    pending = [next_batch()]
+    b0 = pending[0]
+    with torch.no_grad():
+        out = model(**b0, fused_lm_head=True)
+        trl_losses = -out.log_probs[out.label_mask]
+        ours = M.load_hf(spec["hf_dir"], dtype=torch.float32, device="cpu")
+        ids, pos = b0["input_ids"], b0["position_ids"]
+        labels = torch.nn.functional.pad(b0["labels"][:, 1:], (0, 1), value=-100)  # ours: the target of position t
+        ours_losses = common.ours_token_losses(ours, ids, pos, (pos == 0).cumsum(1), labels)
+        del ours, out
+    sup = sum(sum(1 for t in labels if t != -100) for labels in trainer.train_dataset["labels"])
+
+    def step():
+        b = pending.pop() if pending else next_batch()
+        n_sup = int((b["labels"][:, 1:] != -100).sum())  # Trainer's num_items_in_batch
+        loss = trainer.training_step(model, b, n_sup)  # forward + backward (TRL's compute_loss)
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss_val, _ = loss.item(), gn.item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss_val, "sup": n_sup, "real": b["input_ids"].numel(), "slots": rows * spec["seq_len"]}
+
+    return step, {"batches_per_epoch": len(loader), "prep_s": prep_s, "sup_per_epoch": sup,
+                  "token_losses": ours_losses.numpy(), "ref_token_losses": trl_losses.numpy()}
+
+
 def fingerprint(tokens):
     """A number that differs between different batches (to check two sides got the same one)."""
     return int((tokens.flatten() * torch.arange(1, tokens.numel() + 1) % 1000003).sum())
@@ -150,10 +214,14 @@ def check_losses(sides):
     checks = [common.token_check("(first packed batch, HF packed)", ours.info["token_losses"],
                                  hfp.info["token_losses"], "fp32"),
               common.loss_check("(first packed batch, HF packed)", ours.loss0, hfp.loss0, "fp32")]
+    trl = [s for s in sides if s.name == "trl"]
+    if trl:  # TRL's own first batch, checked against our model in its worker
+        checks.append(common.token_check("(TRL's first packed batch, TRL's fused head vs ours)",
+                                         trl[0].info["token_losses"], trl[0].info["ref_token_losses"], "fp32"))
     for line, _ in checks:
         print(line, flush=True)
     if not all(ok for _, ok in checks):
-        raise SystemExit("FAILED: HF packed does not compute ours' losses on the same packed batch and weights: one "
+        raise SystemExit("FAILED: an HF side does not compute ours' losses on the same packed batch and weights: one "
                          "side does not isolate the documents (or positions/labels differ); numbers not valid")
 
 
@@ -171,6 +239,8 @@ def main():
                         "is dense (SDPA over the whole row), so shorter rows cost less attention per token")
     p.add_argument("--compile", choices=["off", "blocks"], default="blocks", help="ours: per-block torch.compile (faster on CPU too)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--trl", choices=["auto", "on", "off"], default="auto",
+                   help="a fourth side, TRL's SFTTrainer with packing=True (auto: when trl is installed)")
     common.add_timing_args(p)
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.data, "train.jsonl")):
@@ -202,6 +272,13 @@ def main():
           f"{args.seq_len}; HF padded: static batch {n_hf} examples padded to the longest "
           f"({hf_epoch_slots / len(hf_epoch):.0f} slots/step on average over an epoch, {len(hf_epoch)} steps/epoch)")
 
+    use_trl = args.trl == "on"
+    if args.trl == "auto":
+        try:
+            import trl  # noqa: F401
+            use_trl = True
+        except ImportError:
+            print("note: trl is not installed: no TRL side (pip install trl; --trl off silences this)")
     margs = common.model_args(args.model)
     with tempfile.TemporaryDirectory() as hf_dir:
         common.save_random_init(margs, hf_dir)
@@ -212,6 +289,11 @@ def main():
                                        {**spec, "compile": args.compile == "blocks"}))
             sides.append(common.Worker("hf padded", setup_hf, {**spec, "hf_batch_size": n_hf}))
             sides.append(common.Worker("hf packed", setup_hf_packed, spec))
+            if use_trl:
+                sides.append(common.Worker("trl", setup_trl, spec))
+                print(f"TRL SFTTrainer (trl {__import__('trl').__version__}): dataset preparation (tokenize + pack) "
+                      f"{sides[-1].info['prep_s']:.1f}s, {sides[-1].info['batches_per_epoch']} steps/epoch, "
+                      f"{sides[-1].info['sup_per_epoch']:,} supervised tokens/epoch (ours {sup_total:,})", flush=True)
             mem = common.run_alternating(sides, args.warmup, args.rounds, args.steps, after_first=check_losses)
         finally:
             for s in sides:
@@ -233,12 +315,16 @@ def main():
           f"alternating rounds of {args.steps}")
     print(common.fmt_table(["side", "trained tok/s", "real tok/s", "slots/s", "real frac", "s/step", "1st step s",
                             "epoch min", "peak RSS train GB"], rows))
-    ours, pad, pk = (res[s.name] for s in sides)
+    ours, pad, pk = (res[s.name] for s in sides[:3])
     epoch = {k: r["epoch_s"] / ours["epoch_s"] for k, r in (("pad", pad), ("pk", pk))}
     print(f"\nHEADLINE, one epoch of GSM8K train: ours {ours['epoch_s'] / 60:.1f} min; HF padded (Trainer default) "
           f"{pad['epoch_s'] / 60:.1f} min = {epoch['pad']:.2f}x (goal >= 2x: {'met' if epoch['pad'] >= 2 else 'MISSED'}"
           f"); "
           f"HF packed (padding-free, our rows) {pk['epoch_s'] / 60:.1f} min = {epoch['pk']:.2f}x")
+    if "trl" in res:
+        print(f"TRL SFTTrainer (packing=True, its own tokenization and rows): {res['trl']['epoch_s'] / 60:.1f} min = "
+              f"{res['trl']['epoch_s'] / ours['epoch_s']:.2f}x ours; trained tok/s ours / TRL "
+              f"{ours['sup_tps'] / res['trl']['sup_tps']:.2f}x")
     print(f"trained tokens/s of the timed batches only: ours / HF padded {ours['sup_tps'] / pad['sup_tps']:.2f}x "
           f"(its {len(sides[1].records)} batches pad differently from a whole epoch), ours / HF packed "
           f"{ours['sup_tps'] / pk['sup_tps']:.2f}x (the same batches: the model step alone)")

@@ -319,31 +319,30 @@ def test_length_rules_counted_by_reason(tmp_path, tok, capsys):
     assert loader.data.meta["num_read"] == 5 and len(loader.data) == 1
     assert "too_long" in capsys.readouterr().out  # reported at start-up
 
-    # truncate: the prompt loses tokens after its first (bos) first, then the response loses its end
+    # truncate keeps the start: the response loses its end; a prompt that fills max_seq_len alone is still dropped
     loader = build_loader(cfg_for(tmp_path, f, min_seq_len=4, max_seq_len=40, truncate=True), tok, "train")
-    assert loader.data.meta["truncated"] == 2 and len(loader.data) == 3
-    assert all(n <= 40 for n in loader.data.lengths)
-    by_len = {}
-    for i in range(len(loader.data)):
-        ids, mask = example_of(loader, i)
-        assert sum(mask[1:]) > 0
-        by_len[tok.decode(ids)] = mask
-    long_prompt = "<|bos|>" + "p" * 34 + "ttttt<|eos|>"  # 41 ids: prompt cut from 50 to 34 chars, target whole
-    assert long_prompt in by_len
-    long_target = "<|bos|>" + "y" * 40  # the prompt gives all it has ("q"), then the response is cut (eos lost)
-    assert long_target in by_len
-    assert data.truncate_example([1, 2, 3, 4], [0, 0, 0, 0], 3, 4) is None  # never 0 supervised tokens
+    assert loader.data.meta["truncated"] == 1 and len(loader.data) == 2
+    assert loader.data.meta["drops"] == {"too_short": 1, "too_long": 1, "no_supervised": 1}
+    texts = [tok.decode(example_of(loader, i)[0]) for i in range(len(loader.data))]
+    assert "<|bos|>q" + "y" * 39 in texts  # 41 ids: the prompt whole, the response cut (eos lost)
+    assert data.truncate_example([1, 2, 3, 4], [0, 0, 0, 1], 3) is None  # never 0 supervised tokens
 
-    # the prompt is cut first also when it is trained (train_on_prompt): the response and its eos stay
+    # what is kept is a prefix of the whole rendering (a context inference also shows), trained prompt or not
     for row in ({"src": "p" * 50, "tgt": "ANSWER"},
                 {"messages": [{"role": "user", "content": "p" * 50}, {"role": "assistant", "content": "ANSWER"}]}):
         f = write_jsonl(tmp_path / "p.jsonl", [row])
         for c in (cfg_for(tmp_path, f, max_seq_len=32, truncate=True, train_on_prompt=True),
-                  cfg_for(tmp_path, f, max_seq_len=32, truncate=True, train_on="all")):
+                  cfg_for(tmp_path, f, max_seq_len=32, truncate=True, train_on="all"),
+                  cfg_for(tmp_path, f, max_seq_len=32, truncate=True)):
+            if not (c.train_on_prompt or c.train_on == "all" and "messages" in row):  # train_on is a chat option
+                # the response only is trained: the prompt fills the 33 ids, nothing supervised is left: dropped, not
+                # kept as an answer without its question (or a chat without its headers)
+                with pytest.raises(ValueError, match=r"no usable examples \(read 1, dropped \{'too_long': 1\}"):
+                    build_loader(c, tok, "train")
+                continue
             ids, mask = example_of(build_loader(c, tok, "train"), 0)
-            assert len(ids) == 33 and tok.decode(ids).endswith("ANSWER" + ("<|eos|>" if "src" in row else
-                                                                              "<|im_end|>\n")), tok.decode(ids)
-            assert all(mask[1:]) == (c.train_on_prompt or "messages" in row)  # train_on is a chat option
+            full, full_mask = data.encode_example(row, c, tok, "row")
+            assert ids == full[:33] and mask == full_mask[:33] and all(mask[1:])
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -696,11 +695,11 @@ def test_examples_not_ending_on_a_stop_token_are_counted_and_warned(tmp_path, to
     chats = write_jsonl(tmp_path / "c" / "train.jsonl", [{"messages": [{"role": "user", "content": "q"},
                                                                         {"role": "assistant", "content": "a"}]}] * 3)
     assert build_loader(cfg_for(tmp_path, chats, train_on="all"), tok, "train").data.meta["no_stop_token"] == 0
-    # a truncated prompt with the response whole is counted like any other example; a cut response is not
-    long = write_jsonl(tmp_path / "t" / "train.jsonl", [{"src": "p" * 50, "tgt": "r"}, {"src": "p", "tgt": "r" * 50}])
+    # a response cut by truncation is expected not to end on a stop token: not counted; a whole one is
+    long = write_jsonl(tmp_path / "t" / "train.jsonl", [{"src": "p", "tgt": "r"}, {"src": "p", "tgt": "r" * 50}])
     meta = build_loader(cfg_for(tmp_path, long, max_seq_len=20, truncate=True, target_encode_mode="as_is"), tok,
                         "train").data.meta
-    assert meta["truncated"] == 2 and meta["no_stop_token"] == 1
+    assert meta["truncated"] == 1 and meta["no_stop_token"] == 1
 
 
 def test_mix_trains_end_to_end(tmp_path):
@@ -761,6 +760,10 @@ BAD = {  # name: (file content bytes, message, reason counted with skip_bad_exam
     "tool_call_chatml": (GOOD + "\n" + json.dumps({"messages": [{"role": "assistant", "content": "",
                                                                 "tool_calls": [{"name": "f", "arguments": {}}]}]}),
                          r"d\.jsonl:2: render_chat: messages\[0\] is a tool call, but chat_format 'chatml'", "bad_field"),
+    # messages beside src and tgt: which one to train on is the user's call, not a silent pick
+    "messages_and_src_tgt": (GOOD + "\n" + json.dumps({"src": "a", "tgt": "b", "messages": [
+        {"role": "user", "content": "u"}, {"role": "assistant", "content": "m"}]}),
+        r"d\.jsonl:2: both 'messages' \(chat messages\) and 'src'/'tgt' are set", "ambiguous"),
 }
 
 
@@ -788,6 +791,24 @@ def test_empty_file_and_empty_dir(tmp_path, tok):
     (tmp_path / "e" / "train" / "a.jsonl").write_text("")
     with pytest.raises(ValueError, match="no usable examples"):  # nothing at all is always an error
         build_loader(cfg_for(tmp_path, tmp_path / "e", skip_bad_examples=True), tok, "train")
+
+
+def test_compressed_file_is_named(tmp_path, tok):
+    """A .jsonl.gz read as text would be "invalid UTF-8" line after line (and skip_bad_examples would skip it all)."""
+    import gzip
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress((GOOD + "\n").encode() * 3))
+    for skip in (False, True):
+        with pytest.raises(ValueError, match=r"d\.jsonl\.gz is gzip-compressed: decompress it first"):
+            build_loader(cfg_for(tmp_path, path, skip_bad_examples=skip), tok, "train")
+
+
+def test_no_usable_examples_says_why(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"src": "a" * 50, "tgt": "b"}] * 2)
+    with pytest.raises(ValueError, match=r"dropped \{'too_long': 2\}\): raise dataset.max_seq_len"):
+        build_loader(cfg_for(tmp_path, path, max_seq_len=16), tok, "train")
+    with pytest.raises(ValueError, match=r"dropped \{'missing_field': 2\}\): check the field names"):
+        build_loader(cfg_for(tmp_path, path, tgt_field="answer", skip_bad_examples=True), tok, "train")
 
 
 def test_bom_crlf_and_huge_line(tmp_path, tok):
@@ -904,6 +925,11 @@ def test_report_cli(tmp_path, qa_dir, capsys):
     for s in ["203 examples read", "== valid", "static 16", "dynamic 256", "packed 4x64", "padding", "example 0",
               "supervised tokens are shown between \u00ab and \u00bb", "\u00ab"]:  # no ANSI codes into a pipe
         assert s in out, s
+    # train_on_prompt: every id but the first is a target (nothing predicts the first; its mask bit is 1)
+    data.main([str(cfg), "dataset.train_on_prompt=true"])
+    out = capsys.readouterr().out
+    example = out[out.index("--- example 0"):].split("\n")[1]
+    assert example.startswith("<|bos|>\u00ab") and example.count("\u00ab") == 1, example
     with pytest.raises(SystemExit, match="config error: .*unknown config key"):  # one line, as train.py
         data.main([str(cfg), "dataset.bogus=1"])
     with pytest.raises(SystemExit, match="error: .*tokenizer.path"):

@@ -264,6 +264,16 @@ def test_special_strings_stay_text(llama, qwen):
     assert tok.encode("e\u0301") == tok.encode("é")  # NFC
 
 
+def test_lone_surrogate_is_an_error(llama, qwen):
+    """tiktoken would encode "\\ud800" (a broken JSON escape) as U+FFFD, SentencePiece drop it: the text trained on
+    would silently differ from the data. Byte-level tokenizers, like HF's, refuse it."""
+    for tok in [*llama.values(), *qwen.values(), load_tokenizer("byte")]:
+        for call in (lambda: tok.encode("a\ud800"), lambda: tok.encode_batch(["ok", "b\udfff"]),
+                     lambda: tok.render_chat([{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "x"}])):
+            with pytest.raises(ValueError, match="surrogate"):
+                call()
+
+
 def test_save_roundtrip(llama, tmp_path):
     files = llama["json"].save(tmp_path)
     assert sorted(Path(f).name for f in files) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 import data
+import generate
 import model as M
 import train
 
@@ -335,6 +336,22 @@ def test_an_evaluation_split_without_gold_answers_fails_at_start(tiny_data, tmp_
                                                                                            "answer": "#### 4"}]))
     assert len(train.load_eval_examples(train.load_config([path]))) == 4
     assert "3 of 4 examples have no '#### N' answer" in capsys.readouterr().out
+
+
+def test_evaluation_fields_are_checked_at_start(tiny_data, tmp_path):
+    """A number or a null where the question or answer should be: one line naming file:line when the split is read,
+    not a traceback (or an error after the whole run trained) when the evaluation reaches it."""
+    good = {"question": "What is 1 + 1?", "answer": "#### 2"}
+    for bad, msg in (({"question": "q", "answer": 4}, r"field 'answer' must be a string, got int"),
+                     ({"question": None, "answer": "#### 2"}, r"field 'question' must be a string, got NoneType"),
+                     ({"question": "q"}, r"missing field 'answer'")):
+        f = tmp_path / "ev.jsonl"
+        f.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", evaluation={"split": str(f)}), tmp_path / "c.yaml")
+        with pytest.raises(ValueError, match=rf"evaluation.split=.*ev\.jsonl: .*ev\.jsonl:2: {msg}"):
+            train.load_eval_examples(train.load_config([path]))
+        with pytest.raises(ValueError, match=rf"ev\.jsonl:2: {msg}"):  # generate.py --gsm8k reads it the same way
+            generate.load_jsonl(f)
 
 
 def test_lr_schedule():
