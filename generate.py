@@ -460,7 +460,7 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
                                                                            "vocab.json")):
         tokenizer = tokenizer_lib.load_tokenizer(str(model_dir), (run[2] or None) if run else None)
     elif run is not None:
-        tokenizer = train.load_tokenizer(*run)
+        tokenizer = train.load_run_tokenizer(*run)
     else:
         raise FileNotFoundError(f"{model_dir} has no tokenizer files (tokenizer.model, tokenizer.json, vocab.json)"
                                 f" and no train.py config names one: pass --tokenizer PATH (or 'byte')")

@@ -456,11 +456,19 @@ class Tokenizer:
         return segs
 
     def save(self, directory) -> list[str]:
-        """Copy the source tokenizer files into `directory` (for HF export). The byte tokenizer has none: returns []."""
-        os.makedirs(directory, exist_ok=True)
+        """Copy the source tokenizer files into `directory` (for HF export). Tokenizer files of an earlier export there
+        are removed first: a loader would take a stale tokenizer.model over the new tokenizer.json. The byte tokenizer
+        has none: returns []."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        names = {Path(f).name for f in self.files}
+        for name in TOKENIZER_FILES:
+            if name not in names and (d / name).is_file():
+                (d / name).unlink()
         for f in self.files:
-            shutil.copy(f, Path(directory) / Path(f).name)
-        return [str(Path(directory) / Path(f).name) for f in self.files]
+            if Path(f).resolve() != (d / Path(f).name).resolve():
+                shutil.copy(f, d / Path(f).name)
+        return [str(d / Path(f).name) for f in self.files]
 
 
 def _check_messages(messages, chat_format, tools=None):

@@ -12,6 +12,7 @@ evaluation), then `section.key=value` overrides (`--config-file FILE` also works
 saved as <checkpoint.dir>/config.yaml. A run resumes from the newest complete checkpoint in checkpoint.dir, at any
 world size. Loss: SUM of token cross-entropies / global number of supervised tokens (all micro-batches, all ranks).
 """
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -154,6 +155,8 @@ def _coerce(key: str, typ, value):
     origin = typing.get_origin(typ) or typ
     if typ is str and value is None:
         return ""  # YAML null for an unset string (fairseq2's valid_split: null)
+    if origin is list and value is None:
+        return []  # `trainer.profile_steps=` on the command line, as an empty string clears a string key
     ok = (typ is bool and isinstance(value, bool)) or (typ is int and isinstance(value, int) and not isinstance(value, bool)) \
         or (typ is str and isinstance(value, str)) or (origin is dict and isinstance(value, dict))
     if ok:
@@ -174,8 +177,12 @@ def _merge(obj, d: dict, where: str, prefix: str = ""):
     if not isinstance(d, dict):
         raise ValueError(f"{where}: section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {d!r}")
     hints = typing.get_type_hints(type(obj))
+    given = {}  # field -> the spelling it was given as (an alias and its field in one mapping: the later would win)
     for k, v in d.items():
-        k = ALIASES.get(prefix + str(k), prefix + str(k)).removeprefix(prefix)
+        spelled, k = str(k), ALIASES.get(prefix + str(k), prefix + str(k)).removeprefix(prefix)
+        if k in given:
+            raise ValueError(f"{where}: '{prefix}{given[k]}' and '{prefix}{spelled}' set the same key: keep one")
+        given[k] = spelled
         if k not in hints:
             valid = list(hints)
             close = difflib.get_close_matches(k, valid, n=3)
@@ -190,7 +197,18 @@ def _merge(obj, d: dict, where: str, prefix: str = ""):
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's booleans only: true / false (any case). In YAML 1.1 off / on / yes / no are
     booleans too, so `activation_checkpointing: off` (a string field) would arrive as False. (Other YAML 1.1 rules,
-    e.g. 010 = 8, are kept.)"""
+    e.g. 010 = 8, are kept.) A key given twice in one mapping is an error (YAML 1.2 forbids it; PyYAML keeps the last
+    one, so a second `trainer:` section would silently drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {  # a copy without the YAML 1.1 bool resolver (the others kept, in order)
@@ -305,6 +323,9 @@ def validate(cfg: Config):
           " and checkpoint.resume=false: a fresh run there would mix with them (and the next resume could pick theirs)."
           " Set another checkpoint.dir, delete its checkpoints/, or resume (checkpoint.resume=true)")
     e = cfg.evaluation
+    if e.split.endswith(".jsonl") and not Path(e.split).is_file():
+        raise FileNotFoundError(f"evaluation.split: {e.split} not found (a .jsonl path is read as a file; relative "
+                                "paths start at the current directory)")
     check(e.limit >= 0 and e.batch_size >= 1 and e.max_new_tokens >= 1 and e.every_n_steps >= 0,
           "evaluation: need limit >= 0, batch_size >= 1, max_new_tokens >= 1, every_n_steps >= 0")
 
@@ -343,8 +364,20 @@ def load_tokenizer(tokenizer_path: str, model_path: str, chat_format: str):
     """tokenizer.path, or the model's directory when it is empty (hg:// resolved); errors name the key it came from."""
     path, what = (tokenizer_path, "tokenizer.path") if tokenizer_path else \
         (model_path, "model.path (the tokenizer's source: tokenizer.path is empty)")
+    if path != "byte" and not path.startswith("hg://") and not Path(path).exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
     return tokenizer_lib.load_tokenizer(path if path == "byte" else str(resolve_path(path, what, tokenizer_only=True)),
                                         chat_format or None)
+
+
+def load_run_tokenizer(tokenizer_path: str, model_path: str, chat_format: str):
+    """A trained run's tokenizer, for --export and generate.py: load_tokenizer, and a path that is gone (e.g. the
+    pretrained model the run started from was moved) says how to go on."""
+    try:
+        return load_tokenizer(tokenizer_path, model_path, chat_format)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (the run's tokenizer, as its config names it): pass --tokenizer PATH with the "
+                                "tokenizer files the run trained with") from None
 
 
 def build_optimizer(model, cfg: OptimizerConfig, fused: bool = True) -> torch.optim.AdamW:
@@ -464,7 +497,8 @@ ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_d
 
 
 def mark_done(ckpt: Path):
-    """Record in a checkpoint's trainer state that its run's end-of-run work (validation, evaluation) is done."""
+    """Record in a checkpoint's trainer state that the work due at its step (validation, evaluation; after the last
+    step, the run's final work) is done: a run resumed from a checkpoint without the mark does that work again."""
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     torch.save({**state, "done": True}, ckpt / "trainer_state.pt.tmp")
     os.replace(ckpt / "trainer_state.pt.tmp", ckpt / "trainer_state.pt")
@@ -531,6 +565,9 @@ def export_hf(model, args, tok, out_dir: Path, dtype: torch.dtype = torch.float3
         model_lib.save_hf(sd, args, out_dir, generation_config=generation_config(tok, source_dir))
         tok.save(out_dir)
         print0(f"exported HF model to {out_dir}")
+        if tok.files and tok.chat_format in ("llama3", "qwen3", "chatml") and not tok.chat_template:
+            print0(f"note: the tokenizer has no chat_template (its source files have none): transformers' "
+                   f"apply_chat_template and chat servers need one; generate.py --chat renders {tok.chat_format}")
     barrier()
 
 
@@ -566,15 +603,16 @@ def source_model_dir(path: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def export_checkpoint(ckpt_dir: str, out_dir: str):
-    """`python train.py --export CKPT_DIR OUT_DIR`: a saved checkpoint (or a run directory's newest) -> an HF
-    directory, in one process."""
+def export_checkpoint(ckpt_dir: str, out_dir: str, tokenizer: str = ""):
+    """`python train.py --export CKPT_DIR OUT_DIR [--tokenizer PATH]`: a saved checkpoint (or a run directory's newest)
+    -> an HF directory, in one process. The tokenizer: `tokenizer`, else the run's (its tokenizer.path or model.path)."""
     if not (Path(ckpt_dir) / "trainer_state.pt").is_file() and complete_checkpoints(Path(ckpt_dir) / "checkpoints"):
         ckpt_dir = complete_checkpoints(Path(ckpt_dir) / "checkpoints")[-1]
         print(f"exporting the newest checkpoint of the run: {ckpt_dir}")
     model, state = load_checkpoint_model(ckpt_dir)
     tok_cfg, model_cfg = state["config"]["tokenizer"], state["config"]["model"]
-    tok = load_tokenizer(tok_cfg["path"], model_cfg["path"], tok_cfg["chat_format"])
+    tok = load_tokenizer(tokenizer, "", "") if tokenizer else \
+        load_run_tokenizer(tok_cfg["path"], model_cfg["path"], tok_cfg["chat_format"])
     dtype = export_dtype(state["config"]["checkpoint"].get("export_dtype", "auto"), state.get("dtype", "float32"))
     export_hf(model, model.args, tok, Path(out_dir), dtype, source_model_dir(model_cfg["path"]))
 
@@ -673,6 +711,9 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # peak RSS (Linux: KiB)
 
 
+QUIT = []  # a second Ctrl-C was raised: main() ends the run as an interrupt, whatever exception it surfaced as
+
+
 @contextlib.contextmanager
 def stop_signals():
     """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before preemption) and Ctrl-C (SIGINT) ask for a checkpoint
@@ -682,9 +723,11 @@ def stop_signals():
     handler only sets the flag: printing from it could re-enter a stdout write the signal interrupted. The previous
     handlers come back on exit, also on an error (train() may run inside a notebook)."""
     signalled = [0.0, None]
+    QUIT.clear()
 
     def on_signal(signum, frame):
         if signum == signal.SIGINT and signalled[1] == signal.SIGINT:
+            QUIT.append(signum)
             raise KeyboardInterrupt
         signalled[:] = [1.0, signum]
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
@@ -915,7 +958,7 @@ def train(cfg: Config) -> dict:
     # --- logging
     metrics_file = None
     if is_master:
-        redo = resumed is not None and step >= cfg.regime.num_steps and not resumed.get("done")  # its end work
+        redo = resumed is not None and not resumed.get("done")  # the work due at its step, done again
         dropped = trim_metrics(out_dir / "metrics.jsonl", step if resumed is not None else -1, step if redo else None)
         if dropped:
             print(f"metrics.jsonl: dropped {dropped} records " + (
@@ -1030,10 +1073,12 @@ def train(cfg: Config) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             last = step >= num_steps
-            # The end-of-run work (final validation, evaluation) is not redone by a resume with nothing left to train,
-            # unless it did not complete: a stop or an error came first ("done" marks the final checkpoint after it).
-            end = last and (step > start_step or not (resumed or {}).get("done"))
-            every = lambda n: n > 0 and step % n == 0 and step > start_step  # noqa: E731
+            # The work due at a step (validation, evaluation; the final ones after the last step) runs after its
+            # checkpoint, which is marked "done" once that work completed. A resume does it again at its first step
+            # only when it did not complete: a stop, a crash or an error came first.
+            fresh = step > start_step or (resumed is not None and not resumed.get("done"))
+            end = last and fresh
+            every = lambda n: n > 0 and step % n == 0 and fresh  # noqa: E731
             # The checkpoint before the validation and evaluation: an error in them (e.g. an evaluation prompt longer
             # than the model's context) must not lose the steps since the last one.
             if step > start_step and (last or every(cfg.regime.checkpoint_every_n_steps)):
@@ -1054,7 +1099,7 @@ def train(cfg: Config) -> dict:
                 stop = end and signal_agreed()
             if stop:
                 continue  # stopped at the top of the loop; the checkpoint stays not done: a relaunch does the end work
-            if end and is_master:  # the end work is done: a relaunch with nothing left to train does not redo it
+            if fresh and saved[0] == step and is_master:  # this step's work is done: a resume here does not redo it
                 mark_done(saved[1])
             if last:
                 break
@@ -1150,10 +1195,14 @@ def one_line_errors(prefix: str = "error"):
 
 def main(argv: list[str]):
     if argv and argv[0] == "--export":
-        if len(argv) != 3:
-            raise SystemExit("usage: python train.py --export CHECKPOINT_OR_RUN_DIR OUT_DIR")
+        p = argparse.ArgumentParser(prog="python train.py --export", description="a checkpoint (or a run directory's "
+                                    "newest) -> an HF directory (safetensors, config, tokenizer files)")
+        p.add_argument("checkpoint", help="a checkpoint directory (step_N) or a run's checkpoint.dir")
+        p.add_argument("out_dir")
+        p.add_argument("--tokenizer", default="", help="tokenizer path (default: the run's tokenizer.path or model.path)")
+        a = p.parse_args(argv[1:])
         with one_line_errors():
-            export_checkpoint(argv[1], argv[2])
+            export_checkpoint(a.checkpoint, a.out_dir, a.tokenizer)
         return
     if not argv or argv[0] in ("-h", "--help"):
         raise SystemExit(__doc__)
@@ -1167,21 +1216,21 @@ def main(argv: list[str]):
             result = train(cfg)
         if result.get("stopped"):  # checkpointed and stopped early: not a finished run (`train && evaluate`)
             raise SystemExit(128 + int(result["stopped"]))
-    except (KeyboardInterrupt, dcp.CheckpointException) as e:
-        # A second Ctrl-C quits at once. Inside a checkpoint write DCP wraps it in a CheckpointException (with a
-        # traceback per failure): one line for either; the next save removes the step_N.tmp it leaves.
-        if isinstance(e, dcp.CheckpointException) and not any(isinstance(f, KeyboardInterrupt)
-                                                              for f, _ in e.failures.values()):
-            raise
-        print("interrupted: quit at once; launch the same command again to resume (or finish) from the newest "
-              "complete checkpoint", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signal.SIGINT) from None
     except torch.OutOfMemoryError as e:
         asked = re.search(r"Tried to allocate [\d.]+ \w+", str(e))  # the rest of torch's message is pages long
         raise SystemExit(f"error: out of GPU memory{f' ({asked[0]})' if asked else ''}. Lower dataset.max_num_tokens "
                          "or dataset.batch_size (keeping the global batch with trainer.grad_accum), set "
                          "trainer.activation_checkpointing=selective or full, or use more GPUs (FSDP2 shards "
                          "weights, gradients and optimizer state)") from None
+    except BaseException as e:
+        # A second Ctrl-C quits at once. Inside a checkpoint write it surfaces as whatever the writer makes of it:
+        # DCP's CheckpointException, torch.save's RuntimeError ("unexpected pos"), an OSError turned into one line:
+        # one line for all of them; the next save removes the step_N.tmp it leaves.
+        if not (isinstance(e, KeyboardInterrupt) or QUIT):
+            raise
+        print("interrupted: quit at once; launch the same command again to resume (or finish) from the newest "
+              "complete checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

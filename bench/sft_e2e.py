@@ -1,7 +1,8 @@
 """End to end on real data: GSM8K train (7,473 examples) with the real Llama 3.2 tokenizer through OUR pipeline
 (data.build_loader: best-fit-decreasing packing into rows with per-document positions and attention, then our
 training step) against transformers fed two ways, on CPU, fp32: as its Trainer feeds by default (padded batches)
-and padding-free (our packed rows), in three processes timed in alternating rounds.
+and padding-free (our packed rows), and against TRL's SFTTrainer with packing (when trl is installed), in separate
+processes timed in alternating rounds.
 
     python bench/sft_e2e.py                                  # ~4 min on 2 cores
     python bench/sft_e2e.py --rounds 2 --steps 1             # quicker (~2.5 min), noisier
@@ -25,6 +26,12 @@ default AdamW. The token budget per optimizer step is --budget token slots (padd
         them. On the same first batch and weights its per-token CE (before the step) and its step-0 loss must
         equal ours (common.TOKEN_RTOL, LOSS_RTOL): that shows the document isolation really happens (with
         use_cache=True it silently does not); otherwise the run stops before timing.
+  TRL:  SFTTrainer(packing=True) as its users run it (setup_trl): its own tokenization of {prompt: question,
+        completion: answer} records, completion-only loss, best-fit-decreasing rows of seq_len flattened padding-free,
+        its fused chunked LM head (TRL >= 1.x; on CPU its torch fallback, scoring every position, not only the
+        supervised ones), entropy / token-accuracy metrics, Trainer's default AdamW, per_device_train_batch_size =
+        budget // seq_len rows. Its batches are its own, so its check is its first batch: TRL's per-token log-probs
+        against our model on the same flattened row (which shows its sdpa path isolates the documents).
 Time per step includes fetching the batch (our loader with its prefetch thread; HF collation). Trained tokens =
 supervised tokens (labels != -100), identical per example on all sides. Epoch time is extrapolated: ours and HF
 packed batches/epoch x mean seconds/step (all batches have the same shape); HF padded seconds per padded token slot

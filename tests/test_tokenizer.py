@@ -274,6 +274,18 @@ def test_lone_surrogate_is_an_error(llama, qwen):
                 call()
 
 
+def test_save_replaces_an_earlier_exports_tokenizer(llama3_tokenizer_dir, qwen, tmp_path):
+    """Exporting Qwen where a Llama export was: Llama's tokenizer.model left beside Qwen's files would be loaded
+    (before tokenizer.json) by our loader: the wrong tokenizer, silently. Every tokenizer file not written is removed."""
+    load_tokenizer(llama3_tokenizer_dir).save(tmp_path / "hf")
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+    qwen["json"].save(tmp_path / "hf")
+    assert not (tmp_path / "hf" / "tokenizer.model").exists()
+    assert load_tokenizer(tmp_path / "hf").encode("Natalia sold clips") == qwen["json"].encode("Natalia sold clips")
+    load_tokenizer("byte").save(tmp_path / "hf")  # no files: none left either
+    assert not any((tmp_path / "hf" / f).exists() for f in ("tokenizer.json", "vocab.json", "merges.txt"))
+
+
 def test_save_roundtrip(llama, tmp_path):
     files = llama["json"].save(tmp_path)
     assert sorted(Path(f).name for f in files) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,8 @@ def close(a: dict, b: dict, steps, tol):
 
 def test_config_parsing_and_overrides(tiny_data, tmp_path, monkeypatch):
     path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", optimizer={"lr": "3e-5"},
-                              trainer={"gradient_accumulation": 3}, checkpoint={"output_dir": "/tmp/x"}), tmp_path / "c.yaml")
+                              trainer={"gradient_accumulation": 3}) | {"checkpoint": {"output_dir": "/tmp/x"}},
+                     tmp_path / "c.yaml")
     cfg = train.load_config([path, "optimizer.betas=[0.9,0.99]", "--regime.num_steps=7", "dataset.valid_split=null"])
     assert cfg.optimizer.lr == 3e-5 and isinstance(cfg.optimizer.lr, float)  # YAML's '3e-5' string coerced
     assert cfg.trainer.grad_accum == 3 and cfg.checkpoint.dir == "/tmp/x"      # fairseq2-style aliases
@@ -160,6 +162,25 @@ def test_config_missing_files(tiny_data, tmp_path):
         train.load_config([str(tmp_path / "broken.yaml")])
     with pytest.raises(SystemExit, match="config error: .*unknown config key"):  # the CLI: one line, no traceback
         train.main([path, "bogus.key=1"])
+    with pytest.raises(FileNotFoundError, match="evaluation.split: .*missing.jsonl not found"):
+        train.load_config([path, f"evaluation.split={tmp_path / 'missing.jsonl'}"])
+
+
+def test_config_keys_given_twice_are_errors(tiny_data, tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `trainer:` section silently dropped the first; an alias
+    beside its key (gradient_accumulation and grad_accum) silently lost one value."""
+    path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out"), tmp_path / "c.yaml")
+    text = Path(path).read_text()
+    Path(path).write_text(text + "trainer:\n  seed: 5\n")
+    with pytest.raises(ValueError, match=r"line \d+ column 1: not valid YAML \(key 'trainer' given twice"):
+        train.load_config([path])
+    Path(path).write_text(text.replace("trainer:\n", "trainer:\n  gradient_accumulation: 4\n  grad_accum: 2\n"))
+    with pytest.raises(ValueError, match="'trainer.gradient_accumulation' and 'trainer.grad_accum' set the same key"):
+        train.load_config([path])
+    # on the command line a later override wins, as for any key; an empty value clears a list
+    Path(path).write_text(text)
+    cfg = train.load_config([path, "trainer.gradient_accumulation=4", "trainer.grad_accum=2", "trainer.profile_steps="])
+    assert cfg.trainer.grad_accum == 2 and cfg.trainer.profile_steps == []
 
 
 def test_yaml_off_on_yes_no_are_strings(tiny_data, tmp_path):
@@ -310,6 +331,16 @@ def test_ctrl_c_checkpoints_then_resume_says_what_changed_and_export_takes_the_r
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     with pytest.raises(SystemExit, match="error: not a complete checkpoint"):  # one line, no traceback
         train.main(["--export", str(tmp_path / "nothing"), str(tmp_path / "hf")])
+    # the run's tokenizer is gone (its config names a moved directory): say so and how to export anyway
+    ckpt = train.complete_checkpoints(tmp_path / "out" / "checkpoints")[-1]
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state["config"]["tokenizer"]["path"] = str(tmp_path / "moved_tokenizer")
+    torch.save(state, ckpt / "trainer_state.pt")
+    with pytest.raises(SystemExit, match=r"error: tokenizer.path: .*moved_tokenizer does not exist \(the run's "
+                                         r"tokenizer, as its config names it\): pass --tokenizer PATH"):
+        train.main(["--export", str(ckpt), str(tmp_path / "hf2")])
+    train.main(["--export", str(ckpt), str(tmp_path / "hf2"), "--tokenizer", "byte"])
+    assert (tmp_path / "hf2" / "model.safetensors").is_file()
 
 
 def test_evaluation_never_reads_a_single_train_file(tiny_data, tmp_path):
@@ -890,17 +921,32 @@ def test_a_signal_during_the_end_work_stops_with_its_status(during, tiny_data, t
     assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["done"]
 
 
-def test_ctrl_c_twice_during_a_checkpoint_write_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
-    """The second Ctrl-C lands inside DCP's write, which wraps the KeyboardInterrupt in a CheckpointException (a
-    140-line traceback): main says it in one line and exits 130; no checkpoint is complete."""
+@pytest.mark.parametrize("writer", ["dcp", "torch.save"])
+def test_ctrl_c_twice_during_a_checkpoint_write_is_one_line(writer, tiny_data, tmp_path, monkeypatch, capsys):
+    """The second Ctrl-C lands inside a checkpoint write: DCP wraps the KeyboardInterrupt in a CheckpointException (a
+    140-line traceback), torch.save's zip writer raises a RuntimeError ("unexpected pos") in its place: main says it
+    in one line and exits 130 either way; no checkpoint is complete."""
     monkeypatch.setattr(train, "get_lr", get_lr_then_ctrl_c)  # the first Ctrl-C: checkpoint after step 3
-    from torch.distributed.checkpoint import FileSystemWriter
-    write = FileSystemWriter.write_data
+    if writer == "dcp":
+        from torch.distributed.checkpoint import FileSystemWriter
+        write = FileSystemWriter.write_data
 
-    def ctrl_c_then_write(self, *a, **kw):
-        os.kill(os.getpid(), signal.SIGINT)
-        return write(self, *a, **kw)
-    monkeypatch.setattr(FileSystemWriter, "write_data", ctrl_c_then_write)
+        def ctrl_c_then_write(self, *a, **kw):
+            os.kill(os.getpid(), signal.SIGINT)
+            return write(self, *a, **kw)
+        monkeypatch.setattr(FileSystemWriter, "write_data", ctrl_c_then_write)
+    else:
+        save = torch.save
+
+        def save_with_ctrl_c(obj, f, *a, **kw):
+            if "rng_rank" in str(f):
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)  # the handler raises KeyboardInterrupt here
+                except KeyboardInterrupt:
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+            return save(obj, f, *a, **kw)
+        monkeypatch.setattr(train.torch, "save", save_with_ctrl_c)
     path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out", dataset={"valid_split": ""}), tmp_path / "c.yaml")
     with pytest.raises(SystemExit) as e:
         train.main([path])
@@ -908,6 +954,29 @@ def test_ctrl_c_twice_during_a_checkpoint_write_is_one_line(tiny_data, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("interrupted: quit at once; launch the same command again") and err.count("\n") == 1, err
     assert train.complete_checkpoints(tmp_path / "out" / "checkpoints") == []
+
+
+def test_validation_cut_short_at_a_periodic_checkpoint_is_redone(tiny_data, tmp_path, monkeypatch):
+    """A crash in the validation of a periodic checkpoint's step (the checkpoint is written, its work not marked done):
+    the relaunch resumes there and validates that step again before training on (each step's record logged once)."""
+    forward = M.Transformer.forward
+
+    def forward_crashing_in_validation(self, *a, **kw):
+        if not self.training:
+            raise RuntimeError("node lost")
+        return forward(self, *a, **kw)
+    monkeypatch.setattr(M.Transformer, "forward", forward_crashing_in_validation)
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", regime={"num_steps": 4, "checkpoint_every_n_steps": 2,
+                                                         "validate_every_n_steps": 2})
+    with pytest.raises(RuntimeError, match="node lost"):
+        train_in_process(cfg, tmp_path)
+    ckpt = train.complete_checkpoints(tmp_path / "out" / "checkpoints")[-1]
+    assert ckpt.name == "step_00000002" and not torch.load(ckpt / "trainer_state.pt", weights_only=False).get("done")
+    monkeypatch.undo()
+    assert train_in_process(cfg, tmp_path)["step"] == 4
+    assert end_records(tmp_path / "out") == [(2, "val"), (4, "val")]
+    for c in train.complete_checkpoints(tmp_path / "out" / "checkpoints"):  # keep_last_n_checkpoints=1: step 4
+        assert torch.load(c / "trainer_state.pt", weights_only=False)["done"]
 
 
 def test_nonfinite_loss_stops_or_skips(tiny_data, tmp_path):
