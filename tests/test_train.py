@@ -231,6 +231,13 @@ def test_settings_that_do_nothing_are_noted(tiny_data, tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "note: regime.validate_every_n_steps=1 does nothing without dataset.valid_split" in out
     assert "note: evaluation.every_n_steps=2 does nothing without evaluation.split" in out
+    # validation or evaluation on the train split measures the training data: said, not silent
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", dataset={"valid_split": "train"}, evaluation={"split": "train"})
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_in_process(cfg, tmp_path)
+    out = capsys.readouterr().out
+    for key in ("dataset.valid_split", "evaluation.split"):
+        assert f"note: {key}=train is the train split: it measures the training data, not held-out data" in out
 
 
 def test_hub_errors_name_the_key_the_tokenizer_came_from(tiny_data, tmp_path, monkeypatch):
