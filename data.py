@@ -506,8 +506,8 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
     if len(lengths) == 1:
         shutil.rmtree(tmp, ignore_errors=True)
         top = max(drops, key=drops.get, default=None)  # the hint follows the main reason
-        hint = {"too_short": "lower dataset.min_seq_len", "too_long": "raise dataset.max_seq_len (or dataset.truncate="
-                "true)", "missing_field": "check the field names (dataset.src_field / tgt_field / messages_field)",
+        hint = {"too_short": "lower dataset.min_seq_len", "too_long": "raise dataset.max_seq_len" + (
+                    "" if cfg.truncate else " (or dataset.truncate=true)"), "missing_field": "check the field names (dataset.src_field / tgt_field / messages_field)",
                 "no_supervised": "check dataset.train_on and the chat roles", "empty_file": "the file holds no records",
                 None: "the file holds no records"}.get(top, "see the skipped examples above")
         raise ValueError(f"{', '.join(files)[:300]}: no usable examples (read {num_read}, dropped "

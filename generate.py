@@ -30,6 +30,7 @@ mode on CPU. The prefill runs eagerly (its length varies).
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import re
@@ -265,14 +266,15 @@ def question_and_gold(example: dict) -> tuple[str, str | None]:
     raise ValueError(f"GSM8K example needs 'question'/'answer' or 'src'/'tgt' fields, got {sorted(example)}")
 
 
-def load_jsonl(path) -> list[dict]:
-    """GSM8K-format rows, read by data.py's reader (one-line errors naming file:line, BOM, CRLF)."""
+def load_jsonl(path, limit: int | None = None) -> list[dict]:
+    """GSM8K-format rows (the first `limit`), read by data.py's reader (one-line errors naming file:line, BOM, CRLF)."""
     if Path(path).is_dir():
         raise IsADirectoryError(f"GSM8K path {path} is a directory; a .jsonl file is expected "
                                 f"(e.g. {Path(path) / 'test.jsonl'})")
     if not Path(path).is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path}")
-    return [gsm8k_row(data.parse_record(where, raw), where) for where, raw in data.read_records(str(path))]
+    records = itertools.islice(data.read_records(str(path)), limit)
+    return [gsm8k_row(data.parse_record(where, raw), where) for where, raw in records]
 
 
 def gsm8k_row(row: dict, where: str, fields: tuple[str, str] | None = None) -> dict:
@@ -516,7 +518,7 @@ def main(argv=None):
     try:
         model, tokenizer = load_model(args.model, args.device, dtype, args.tokenizer)
         if args.gsm8k:
-            result = evaluate_gsm8k(model, tokenizer, load_jsonl(args.gsm8k), args.chat, args.batch_size,
+            result = evaluate_gsm8k(model, tokenizer, load_jsonl(args.gsm8k, args.limit), args.chat, args.batch_size,
                                     args.max_new_tokens, args.limit, args.system, compile=args.compile)
             if args.output:
                 write_predictions(args.output, result["predictions"])

@@ -203,7 +203,13 @@ class _Yaml12Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden, as YAML allows
+                continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # a list as a key: the base class says what is wrong, with the line
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice in one mapping",
                                                         key_node.start_mark)
@@ -480,7 +486,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_loader, 
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save(rng, tmp / f"rng_rank{rank}.pt")
     if rank == 0:  # the loader's state is one global cursor, identical on every rank: stored once
-        torch.save({"step": step, "loader": train_loader.state_dict(), **extra}, tmp / "trainer_state.pt")
+        torch.save({"step": step, "loader": train_loader.state_dict(), "done": None, **extra}, tmp / "trainer_state.pt")
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)  # none expected: a run resumes from the newest, or refuses to start
@@ -496,12 +502,23 @@ ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_d
                "qk_norm", "model_type")  # the ModelArgs fields that decide the weights' shapes and meaning
 
 
-def mark_done(ckpt: Path):
-    """Record in a checkpoint's trainer state that the work due at its step (validation, evaluation; after the last
-    step, the run's final work) is done: a run resumed from a checkpoint without the mark does that work again."""
+def mark_done(ckpt: Path, work: str):
+    """Record in a checkpoint's trainer state which work of its step completed: "step" (the validation / evaluation
+    due at that step) or "end" (the run's final validation / evaluation after its last step). A resume from it does
+    the work that is not recorded (e.g. the end work of a periodic checkpoint resumed with num_steps lowered to it)."""
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    torch.save({**state, "done": True}, ckpt / "trainer_state.pt.tmp")
+    torch.save({**state, "done": work}, ckpt / "trainer_state.pt.tmp")
     os.replace(ckpt / "trainer_state.pt.tmp", ckpt / "trainer_state.pt")
+
+
+def work_done(state: dict) -> str | None:
+    """A checkpoint's completed work (see mark_done): None, "step" or "end". Checkpoints written before each one
+    recorded it (no "done" key) were marked only at the end of a run (with True): an unmarked periodic one is taken
+    as done, so that an upgrade does not run its validation / evaluation again."""
+    done = state.get("done", "legacy")
+    if done == "legacy":
+        return "step" if state["step"] < state["config"]["regime"]["num_steps"] else None
+    return "end" if done is True else done or None
 
 
 def load_checkpoint(path: Path, model, optimizer, train_loader) -> dict:
@@ -920,6 +937,7 @@ def train(cfg: Config) -> dict:
         resumed = load_checkpoint(ckpts[-1], model, optimizer, train_loader)
         step = resumed["step"]
         print0(f"resumed from {ckpts[-1]} at step {step}")
+    done = work_done(resumed) if resumed is not None else None  # what completed of its step's work
     if cfg.regime.num_data_epochs:
         # fairseq2's num_data_epochs: num_steps and the epochs are both limits, the earlier one ends the run, and
         # the lr schedule spans the steps actually run. A step takes world x grad_accum of the global batches; what is
@@ -949,7 +967,7 @@ def train(cfg: Config) -> dict:
         if step >= cfg.regime.num_steps:
             print0(f"note: the checkpoint is at step {step} and regime.num_steps={cfg.regime.num_steps}: nothing left "
                    "to train (raise regime.num_steps to continue)" + ("; its final validation and evaluation ran "
-                   "already" if resumed.get("done") else ""))
+                   "already" if done == "end" else ""))
     if cfg.lr_scheduler.warmup_steps >= cfg.regime.num_steps:
         print0(f"note: lr_scheduler.warmup_steps={cfg.lr_scheduler.warmup_steps} >= the run's {cfg.regime.num_steps} "
                f"steps: the lr never reaches optimizer.lr={cfg.optimizer.lr}")
@@ -958,7 +976,8 @@ def train(cfg: Config) -> dict:
     # --- logging
     metrics_file = None
     if is_master:
-        redo = resumed is not None and not resumed.get("done")  # the work due at its step, done again
+        # the work of its step, done again (trimmed: logged once)
+        redo = resumed is not None and (not done or (step >= cfg.regime.num_steps and done != "end"))
         dropped = trim_metrics(out_dir / "metrics.jsonl", step if resumed is not None else -1, step if redo else None)
         if dropped:
             print(f"metrics.jsonl: dropped {dropped} records " + (
@@ -1074,10 +1093,12 @@ def train(cfg: Config) -> dict:
                 g["lr"] = lr
             last = step >= num_steps
             # The work due at a step (validation, evaluation; the final ones after the last step) runs after its
-            # checkpoint, which is marked "done" once that work completed. A resume does it again at its first step
-            # only when it did not complete: a stop, a crash or an error came first.
-            fresh = step > start_step or (resumed is not None and not resumed.get("done"))
-            end = last and fresh
+            # checkpoint, which records it once it completed (mark_done). A resume does it again at its first step
+            # only when it did not complete (a stop, a crash or an error came first), or, for the end work, when the
+            # checkpoint was a periodic one and is now the last step.
+            resuming = step == start_step and resumed is not None
+            fresh = step > start_step or (resuming and not done)
+            end = last and (step > start_step or (resuming and done != "end"))
             every = lambda n: n > 0 and step % n == 0 and fresh  # noqa: E731
             # The checkpoint before the validation and evaluation: an error in them (e.g. an evaluation prompt longer
             # than the model's context) must not lose the steps since the last one.
@@ -1099,8 +1120,8 @@ def train(cfg: Config) -> dict:
                 stop = end and signal_agreed()
             if stop:
                 continue  # stopped at the top of the loop; the checkpoint stays not done: a relaunch does the end work
-            if fresh and saved[0] == step and is_master:  # this step's work is done: a resume here does not redo it
-                mark_done(saved[1])
+            if (fresh or end) and saved[0] == step and is_master:  # done: a resume from here does not redo it
+                mark_done(saved[1], "end" if end else "step")
             if last:
                 break
             reset_peak_memory(device)  # the logged memory is the training step's, not a validation's or evaluation's
@@ -1194,6 +1215,7 @@ def one_line_errors(prefix: str = "error"):
 
 
 def main(argv: list[str]):
+    QUIT.clear()  # a second Ctrl-C of an earlier main() in this process (a notebook) is not this run's
     if argv and argv[0] == "--export":
         p = argparse.ArgumentParser(prog="python train.py --export", description="a checkpoint (or a run directory's "
                                     "newest) -> an HF directory (safetensors, config, tokenizer files)")

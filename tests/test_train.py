@@ -166,6 +166,16 @@ def test_config_missing_files(tiny_data, tmp_path):
         train.load_config([path, f"evaluation.split={tmp_path / 'missing.jsonl'}"])
 
 
+def test_yaml_merge_keys_and_anchors(tiny_data, tmp_path):
+    """`<<: *anchor` (a source list's shared fields) still loads: its keys may be overridden, as YAML allows."""
+    path = write_cfg(tiny_cfg(tiny_data, tmp_path / "out"), tmp_path / "c.yaml")
+    text = Path(path).read_text().replace("optimizer:\n", "optimizer: &opt\n") + "lr_scheduler:\n  <<: *opt\n"
+    text = text.replace("lr_scheduler:\n  name: constant\n  warmup_steps: 0\n", "")
+    Path(path).write_text(text)
+    with pytest.raises(ValueError, match="unknown config key 'lr_scheduler.lr'"):  # the merged keys did arrive
+        train.load_config([path])
+
+
 def test_config_keys_given_twice_are_errors(tiny_data, tmp_path):
     """PyYAML keeps the last of two equal keys: a second `trainer:` section silently dropped the first; an alias
     beside its key (gradient_accumulation and grad_accum) silently lost one value."""
@@ -390,6 +400,7 @@ def test_evaluation_fields_are_checked_at_start(tiny_data, tmp_path):
             train.load_eval_examples(train.load_config([path]))
         with pytest.raises(ValueError, match=rf"ev\.jsonl:2: {msg}"):  # generate.py --gsm8k reads it the same way
             generate.load_jsonl(f)
+        assert generate.load_jsonl(f, limit=1) == [good]  # --limit 1: the bad row after it is not read
 
 
 def test_lr_schedule():
@@ -961,6 +972,10 @@ def test_ctrl_c_twice_during_a_checkpoint_write_is_one_line(writer, tiny_data, t
     err = capsys.readouterr().err
     assert err.startswith("interrupted: quit at once; launch the same command again") and err.count("\n") == 1, err
     assert train.complete_checkpoints(tmp_path / "out" / "checkpoints") == []
+    # the next main() in this process (a notebook) reports its own errors, not that quit
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="error: dataset.path not found"):
+        train.main([path, "trainer.seed=1", f"dataset.path={tmp_path / 'nothing'}"])
 
 
 def test_validation_cut_short_at_a_periodic_checkpoint_is_redone(tiny_data, tmp_path, monkeypatch):
@@ -983,7 +998,30 @@ def test_validation_cut_short_at_a_periodic_checkpoint_is_redone(tiny_data, tmp_
     assert train_in_process(cfg, tmp_path)["step"] == 4
     assert end_records(tmp_path / "out") == [(2, "val"), (4, "val")]
     for c in train.complete_checkpoints(tmp_path / "out" / "checkpoints"):  # keep_last_n_checkpoints=1: step 4
-        assert torch.load(c / "trainer_state.pt", weights_only=False)["done"]
+        assert torch.load(c / "trainer_state.pt", weights_only=False)["done"] == "end"
+
+
+def test_a_periodic_checkpoint_resumed_as_the_last_step_does_the_end_work(tiny_data, tmp_path, monkeypatch):
+    """Step 2's checkpoint has its own (periodic) work done; resumed with num_steps lowered to 2 it is the last step:
+    the final validation and evaluation still run (once). A checkpoint of older code without the record is taken as
+    done at a periodic step (no second validation after an upgrade), and as not done at the run's last step."""
+    calls = []
+    monkeypatch.setattr(train.generate, "evaluate_gsm8k", fake_evaluate(calls))
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", regime={"num_steps": 3, "checkpoint_every_n_steps": 2,
+                                                         "validate_every_n_steps": 2, "keep_last_n_checkpoints": 0},
+                   evaluation={"split": "valid", "at_start": False, "limit": 2})
+    assert train_in_process(cfg, tmp_path)["step"] == 3
+    ckpts = train.complete_checkpoints(tmp_path / "out" / "checkpoints")
+    assert [torch.load(c / "trainer_state.pt", weights_only=False)["done"] for c in ckpts] == ["step", "end"]
+    assert end_records(tmp_path / "out") == [(2, "val"), (3, "val"), (3, "eval")]
+    shutil.rmtree(ckpts[1])
+    cfg["regime"]["num_steps"] = 2
+    assert train_in_process(cfg, tmp_path)["step"] == 2
+    assert end_records(tmp_path / "out") == [(2, "val"), (2, "eval")] and len(calls) == 2
+    assert torch.load(ckpts[0] / "trainer_state.pt", weights_only=False)["done"] == "end"
+    state = {"step": 2, "config": {"regime": {"num_steps": 3}}}  # older code: only a final checkpoint was marked
+    assert train.work_done(state) == "step" and train.work_done({**state, "step": 3}) is None
+    assert train.work_done({**state, "step": 3, "done": True}) == "end"
 
 
 def test_nonfinite_loss_stops_or_skips(tiny_data, tmp_path):
