@@ -741,10 +741,10 @@ def _label_tokens(d: TokenizedData, picks: np.ndarray) -> int:
     return int((per_example - d.mask[starts])[picks].sum())
 
 
-def load_mixture(cfg: DatasetConfig, tokenizer, split: str, rank: int = 0, seed: int = 0) -> MixedData:
-    """dataset.sources of one split: the train split weighted (mix_picks), another split unweighted, from the
-    sources that have it (the others are reported and skipped)."""
-    weighted = split == cfg.train_split
+def load_mixture(cfg: DatasetConfig, tokenizer, split: str, rank: int = 0, seed: int = 0,
+                 weighted: bool = True) -> MixedData:
+    """dataset.sources of one split: the training stream weighted (mix_picks), a validation pass unweighted (also of
+    the train split), from the sources that have the split (the others are reported and skipped)."""
     kept = []
     for i, src in enumerate(source_configs(cfg)):
         d = load_data(src.cfg, tokenizer, split, rank, f"{src.where}.path", missing_ok=not weighted)
@@ -910,6 +910,13 @@ def _prefetch(gen, depth, stop: threading.Event):
         yield item
 
 
+def _filler(batch: Batch) -> Batch:
+    """A batch that takes its rank's turn in a collective step but trains nothing (and counts no tokens)."""
+    batch.labels.fill_(-100)
+    batch.num_label_tokens = batch.num_tokens = batch.doc_len_sq = 0
+    return batch
+
+
 class Loader:
     """Iterator of Batch for one rank (see the module docstring for order, striding and resume)."""
 
@@ -921,6 +928,7 @@ class Loader:
         self._plans = {}
         self.batches_per_epoch = len(self.plan(0))  # global batches per epoch
         self.epoch, self.index = 0, 0  # global position of the next batch no rank has taken yet
+        self.end = None  # stop_at: the global position (epoch * batches_per_epoch + index) where the data ends
         self._it, self._stop = None, threading.Event()
 
     def plan(self, epoch) -> list:
@@ -936,6 +944,12 @@ class Loader:
         epoch_add, index = divmod(index + k, self.batches_per_epoch)
         return epoch + epoch_add, index
 
+    def stop_at(self, end: int):
+        """The training stream ends at global position `end` (regime.num_data_epochs): a step of world x grad_accum
+        batches that reaches past it gets fillers there (same shapes, no labels, no tokens counted), so no example is
+        trained more often than the epochs say; the position (state_dict) stays at `end`."""
+        self.end = end
+
     def _batches(self, epoch, index):
         packed_len = self.cfg.max_seq_len if self.cfg.packing else None
         pin = self.device.type == "cuda"
@@ -943,6 +957,8 @@ class Loader:
             epoch, index = self._advance(epoch, index, self.rank)
             while True:
                 batch = collate(self.data, self.plan(epoch)[index], self.pad_id, packed_len)
+                if self.end is not None and epoch * self.batches_per_epoch + index >= self.end:
+                    batch = _filler(batch)
                 yield batch.pin_memory() if pin else batch
                 epoch, index = self._advance(epoch, index, self.world_size)
         else:  # one pass; every rank yields ceil(n / W) batches, fillers (labels all -100) pad the last round
@@ -954,8 +970,7 @@ class Loader:
                 if self.by_source:
                     batch.source = int(self.data.source[rows[0][0]])
                 if g >= n:
-                    batch.labels.fill_(-100)
-                    batch.num_label_tokens = 0
+                    batch = _filler(batch)
                 yield batch.pin_memory() if pin else batch
 
     def __iter__(self):
@@ -970,6 +985,8 @@ class Loader:
             self._it = _prefetch(gen, self.cfg.num_prefetch, self._stop) if self.cfg.num_prefetch > 0 else gen
         batch = next(self._it)
         self.epoch, self.index = self._advance(self.epoch, self.index, self.world_size)
+        if self.end is not None and self.epoch * self.batches_per_epoch + self.index > self.end:
+            self.epoch, self.index = divmod(self.end, self.batches_per_epoch)
         return batch.to(self.device, non_blocking=True) if self.device.type != "cpu" else batch
 
     def state_dict(self) -> dict:
@@ -1064,7 +1081,8 @@ def build_loader(cfg: DatasetConfig, tokenizer, split: str, rank=0, world_size=1
             except Exception as e:
                 error = e
         _barrier_sharing_errors(error)
-    data = load_mixture(cfg, tokenizer, split, rank, seed) if cfg.sources else load_data(cfg, tokenizer, split, rank)
+    data = load_mixture(cfg, tokenizer, split, rank, seed, weighted=infinite) if cfg.sources else \
+        load_data(cfg, tokenizer, split, rank)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # pads are never labels
     loader = Loader(data, cfg, rank, world_size, seed, device, infinite, pad_id)
     if rank == 0:
@@ -1164,8 +1182,8 @@ def report(c):
     tokenizer = load_tokenizer(c.tokenizer.path, c.model.path, c.tokenizer.chat_format)
     color = sys.stdout.isatty()
     print("supervised tokens are shown " + ("on green" if color else "between \u00ab and \u00bb"))
-    for split in [cfg.train_split] + ([cfg.valid_split] if cfg.valid_split else []):
-        loader = build_loader(cfg, tokenizer, split, infinite=split == cfg.train_split)
+    for split, infinite in [(cfg.train_split, True)] + ([(cfg.valid_split, False)] if cfg.valid_split else []):
+        loader = build_loader(cfg, tokenizer, split, infinite=infinite)
         data, m = loader.data, loader.data.meta
         kept = f"{len(data)} kept" if m.get("num_kept", len(data)) == len(data) else \
             f"{m['num_kept']} kept, {len(data)} per epoch with the weights"
@@ -1180,7 +1198,9 @@ def report(c):
                  f"packed {rows_per_batch(cfg)}x{cfg.max_seq_len}": dict(packing=True)}
         for name, over in modes.items():
             c2 = dataclasses.replace(cfg, **over)
-            plan = plan_epoch(data.lengths, c2, 0, 0, True)
+            # as the loader plans it: a mixture's validation batches one source each, a validation pass unshuffled
+            plan = plan_by_source(data, c2, 0, 0, False) if loader.by_source else \
+                plan_epoch(data.lengths, c2, 0, 0, loader.shuffle)
             pad = 1 - real_token_fraction(plan, data.lengths, c2)
             print(f"   {name:>16}: {len(plan)} batches/epoch, padding {pad:.1%}")
         for i in range(min(3, len(data))):

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import os
@@ -656,7 +657,9 @@ def load_eval_examples(cfg: Config) -> list[dict]:
                                     "set evaluation.split to a split one has, or to a .jsonl path")
     else:
         groups = [(ds, data.resolve_files(ds.path, e.split, "dataset.path", train_split=ds.train_split))]
-    rows = [(c, where, raw) for c, files in groups for f in files for where, raw in data.read_records(f)]
+    per_group = [[(c, where, raw) for f in files for where, raw in data.read_records(f)] for c, files in groups]
+    # the sources in turn: evaluation.limit takes from each of them, not the first source's first examples
+    rows = [r for turn in itertools.zip_longest(*per_group) for r in turn if r is not None]
     rows = rows[:e.limit] if e.limit else rows
     try:  # every field checked now (file:line), not when the evaluation reaches it after training
         examples = [generate.gsm8k_row(data.parse_record(where, raw), where, (c.src_field, c.tgt_field))
@@ -945,10 +948,14 @@ def train(cfg: Config) -> dict:
         per_step, bpe = world * cfg.trainer.grad_accum, train_loader.batches_per_epoch
         left = max(0, cfg.regime.num_data_epochs * bpe - (train_loader.epoch * bpe + train_loader.index))
         epoch_steps = step + math.ceil(left / per_step)
+        train_loader.stop_at(cfg.regime.num_data_epochs * bpe)  # a last step that reaches past it gets fillers
         binding = "the data epochs" if epoch_steps <= cfg.regime.num_steps else \
             f"regime.num_steps (raise it for all {cfg.regime.num_data_epochs} epochs)"
         over = f" (a step takes {per_step} batches, an epoch has {bpe}: each step passes over the data more than " \
             "once)" if per_step > bpe else ""
+        if left % per_step and epoch_steps <= cfg.regime.num_steps:
+            over += f"; the last step has {left % per_step} of its {per_step} batches (the others are fillers without " \
+                "labels: no example is trained more often than the epochs say)"
         print0(f"regime: {cfg.regime.num_data_epochs} data epoch(s) = {epoch_steps} steps of {per_step} global "
                f"batch{'es' if per_step > 1 else ''} each{over}, num_steps={cfg.regime.num_steps}: stopping after "
                f"{min(epoch_steps, cfg.regime.num_steps)} steps, set by {binding}")
@@ -1154,7 +1161,8 @@ def train(cfg: Config) -> dict:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm or float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                 grad_norm = grad_norm.full_tensor()
-            # The step's one host sync: the non-finite check needs loss and grad norm, the log needs the token counts.
+            # The step's one host read (besides the loss's selection of supervised rows in each forward): the
+            # non-finite check needs loss and grad norm, the log needs the token counts.
             # The stop flag rides along in the loss all-reduce, so a signal during this step ends the run after it.
             # n: supervised tokens, real tokens, token slots, model FLOPs
             ends = all_reduce_sum(torch.stack([loss_sum.double(), loss_sum.new_tensor(signalled[0], dtype=torch.float64)]))

@@ -633,8 +633,11 @@ def test_mix_validation_split_and_eval_examples(tmp_path, tok, capsys):
 
     c = train.Config(dataset=cfg, evaluation=train.EvaluationConfig(split="valid"))
     rows = train.load_eval_examples(c)  # each source's own field names
-    assert [r["question"].split("]")[0] for r in rows] == ["[v0", "[v1", "[v2", "[w0", "[w1"]
-    assert rows[3]["answer"] == "#### 0"
+    assert [r["question"].split("]")[0] for r in rows] == ["[v0", "[w0", "[v1", "[w1", "[v2"]  # sources in turn
+    c.evaluation.limit = 2  # evaluation.limit takes from each source, not the first source's first examples
+    assert [r["question"].split("]")[0] for r in train.load_eval_examples(c)] == ["[v0", "[w0"]
+    c.evaluation.limit = 0
+    assert rows[1]["answer"] == "#### 0"  # w0: its source's own answer field
     c.evaluation.split = "test"
     with pytest.raises(FileNotFoundError, match="no entry of dataset.sources has a 'test' split"):
         train.load_eval_examples(c)
@@ -712,16 +715,19 @@ def test_mix_trains_end_to_end(tmp_path):
                {"path": str(tmp_path / "st"), "src_field": "src", "tgt_field": "tgt", "name": "plain"}]
     d = tiny_cfg({"path": "", "cache_dir": str(tmp_path / "cache")}, tmp_path / "out",
                  dataset={"sources": sources}, regime={"num_steps": 3},
-                 evaluation={"split": "valid", "limit": 2, "max_new_tokens": 4, "at_start": False})
+                 evaluation={"split": "valid", "limit": 4, "max_new_tokens": 4, "at_start": False})
     result = train_in_process(d, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    # evaluation.limit=4 takes 2 from each source; the plain source's answers have no '#### N': skipped, counted
     assert result["step"] == 3 and np.isfinite(result["val_loss"]) and result["eval"]["total"] == 2
+    assert result["eval"]["skipped"]["no_gold"] == 2
     # validation: one loss per source, and the overall loss is their mean weighted by supervised tokens
     val = next(r for r in records if "val_loss" in r)
     n = [build_loader(dataclasses.replace(DatasetConfig(**{k: v for k, v in d["dataset"].items() if k != "sources"}),
-                                          sources=[s]), load_tokenizer("byte"), "valid").data.meta["num_label_tokens"]
+                                          sources=[s]), load_tokenizer("byte"), "valid",
+                     infinite=False).data.meta["num_label_tokens"]
          for s in sources]
     assert val["val_loss/add"] != val["val_loss/plain"]
     assert val["val_loss"] == pytest.approx((val["val_loss/add"] * n[0] + val["val_loss/plain"] * n[1]) / sum(n))
@@ -791,6 +797,23 @@ def test_empty_file_and_empty_dir(tmp_path, tok):
     (tmp_path / "e" / "train" / "a.jsonl").write_text("")
     with pytest.raises(ValueError, match="no usable examples"):  # nothing at all is always an error
         build_loader(cfg_for(tmp_path, tmp_path / "e", skip_bad_examples=True), tok, "train")
+
+
+def test_stop_at_gives_fillers_past_the_end(tmp_path, tok):
+    """num_data_epochs' end inside a step: the batches past it are fillers (no labels, no tokens counted) on every
+    rank, and the loader's position stays at the end (a resume with more epochs continues from there)."""
+    path = write_jsonl(tmp_path / "d.jsonl", qa_rows(40))
+    cfg = cfg_for(tmp_path, path, batch_size=4, packing=False)
+    loaders = [build_loader(cfg, tok, "train", rank=r, world_size=2) for r in range(2)]
+    bpe = loaders[0].batches_per_epoch
+    assert bpe == 10
+    for ld in loaders:
+        ld.stop_at(bpe + 1)  # 11 real batches: 6 steps of 2 take 12, the 12th is a filler (rank 1's 6th)
+    got = [[next(ld) for _ in range(6)] for ld in loaders]
+    labels = [b.num_label_tokens for step in zip(*got) for b in step]
+    assert all(n > 0 for n in labels[:11]) and labels[11] == 0 and got[1][5].num_tokens == 0
+    assert (got[1][5].labels == -100).all() and got[1][5].tokens.shape[0] == 4  # a whole batch, trained on nothing
+    assert [ld.state_dict()["epoch"] * bpe + ld.state_dict()["index"] for ld in loaders] == [bpe + 1] * 2
 
 
 def test_compressed_file_is_named(tmp_path, tok):
@@ -934,6 +957,20 @@ def test_report_cli(tmp_path, qa_dir, capsys):
         data.main([str(cfg), "dataset.bogus=1"])
     with pytest.raises(SystemExit, match="error: .*tokenizer.path"):
         data.main([str(cfg), "tokenizer.path=hg://org/missing"])
+
+
+def test_report_cli_counts_a_mixtures_validation_as_the_loader_does(tmp_path, capsys):
+    """A mixture's validation batches hold one source each, unshuffled: the report's batch count is the loader's."""
+    for name, n in (("a", 13), ("b", 7)):
+        write_jsonl(tmp_path / name / "train.jsonl", qa_rows(20))
+        write_jsonl(tmp_path / name / "valid.jsonl", qa_rows(n, seed=1))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset:\n  sources: [{{path: {tmp_path / 'a'}}}, {{path: {tmp_path / 'b'}}}]\n  valid_split: "
+                   f"valid\n  max_seq_len: 64\n  batch_size: 4\n  packing: false\n  cache_dir: {tmp_path}/cache\n"
+                   "tokenizer:\n  path: byte\nmodel:\n  name: demo\n")
+    data.main([str(cfg)])
+    valid = capsys.readouterr().out.split("== valid")[1]
+    assert "static 4: 6 batches/epoch" in valid, valid  # ceil(13 / 4) + ceil(7 / 4); mixed, 5
 
 
 def test_report_cli_tokenizer_from_hub(tmp_path, qa_dir, llama3_tokenizer_dir, monkeypatch, capsys):

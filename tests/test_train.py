@@ -460,7 +460,13 @@ def test_num_data_epochs_limits_the_run_and_the_schedule(tiny_data, tmp_path, ca
     assert 2 < expected < 1000 and res["step"] == expected
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[-1] == pytest.approx(3e-3 / expected)  # the linear decay ends with the run (lr of the last step)
-    assert "set by the data epochs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "set by the data epochs" in out
+    # 3 batches a step: the last step reaches past the 2 epochs: fillers there, the loader stops at the epochs' end
+    assert 2 * per_epoch % 3 and f"the last step has {2 * per_epoch % 3} of its 3 batches" in out
+    ckpt = train.complete_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    loader = torch.load(ckpt / "trainer_state.pt", weights_only=False)["loader"]
+    assert (loader["epoch"], loader["index"]) == (2, 0)
     cfg = tiny_cfg(tiny_data, tmp_path / "b", regime={"num_steps": 2, "num_data_epochs": 2}, dataset={"valid_split": ""})
     assert train_in_process(cfg, tmp_path, "b.yaml")["step"] == 2
     assert "set by regime.num_steps (raise it for all 2 epochs)" in capsys.readouterr().out
