@@ -1256,11 +1256,16 @@ def main(argv: list[str]):
         # A second Ctrl-C quits at once. Inside a checkpoint write it surfaces as whatever the writer makes of it:
         # DCP's CheckpointException, torch.save's RuntimeError ("unexpected pos"), an OSError turned into one line:
         # one line for all of them; the next save removes the step_N.tmp it leaves.
-        if not (isinstance(e, KeyboardInterrupt) or QUIT):
-            raise
-        print("interrupted: quit at once; launch the same command again to resume (or finish) from the newest "
-              "complete checkpoint", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signal.SIGINT) from None
+        if isinstance(e, KeyboardInterrupt) or QUIT:
+            print("interrupted: quit at once; launch the same command again to resume (or finish) from the newest "
+                  "complete checkpoint", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signal.SIGINT) from None
+        # Another rank died (its own error is in the output above): this one's collective fails with a transport
+        # error. One line, not a 20-line traceback burying the real error among the ranks' output.
+        if dist.is_initialized() and (isinstance(e, dist.DistError) or "Connection closed by peer" in str(e)):
+            raise SystemExit(f"rank {dist.get_rank()}: stopped: another rank failed (its error is above): "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -685,6 +685,19 @@ def test_a_data_error_on_two_ranks_is_one_line_on_each(tiny_data, tmp_path):
     assert "error: rank 0 could not build the dataset" in out and "Connection" not in out
 
 
+def test_an_error_on_rank_0_alone_is_one_line_on_the_other(tiny_data, tmp_path):
+    """Rank 0 fails alone (its checkpoint write: checkpoints/ is a file): rank 1's barrier then fails with a transport
+    error; it says so in one line, so that rank 0's own error is not buried under its traceback."""
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", regime={"num_steps": 1}, dataset={"valid_split": ""})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoints").write_text("")
+    p = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+             "train.py", write_cfg(cfg, tmp_path / "c.yaml")], expect_rc=1)
+    out = p.stdout + p.stderr
+    assert "error: [Errno 20] Not a directory" in out, out[-4000:]
+    assert "rank 1: stopped: another rank failed (its error is above)" in out and "[rank1]: Traceback" not in out
+
+
 def test_multinode_hsdp_smoke(reference_run, tmp_path):
     """Two torchrun launches (--nnodes=2, one process each) on localhost form one job; trainer.dp_replicate=2 makes
     the mesh 2 (replicate) x 1 (shard): HSDP. Same curve as one process."""
