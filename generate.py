@@ -286,12 +286,13 @@ def gsm8k_row(row: dict, where: str, fields: tuple[str, str] | None = None) -> d
 
 
 def build_prompt(tokenizer, question: str, chat: bool, system: str | None = None,
-                 source_encode_mode: str = "prompt") -> list[int]:
+                 source_encode_mode: str = "prompt", chat_kwargs: dict | None = None) -> list[int]:
     """The token ids a model is trained to answer: the chat rendering with the assistant header (--chat), or
-    data.py's src encoding (dataset.source_encode_mode; 'prompt' = bos + text, the default)."""
+    data.py's src encoding (dataset.source_encode_mode; 'prompt' = bos + text, the default). chat_kwargs: the chat
+    format's options (qwen3: enable_thinking=False for the prompt of Qwen3's non-thinking mode)."""
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-        return tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+        return tokenizer.render_chat(messages, add_generation_prompt=True, **(chat_kwargs or {}))[0]
     if system:
         raise ValueError("--system needs --chat (a plain prompt has no system turn)")
     return data.encode_text(tokenizer, question, source_encode_mode)
@@ -317,7 +318,7 @@ SKIP_REASONS = {"no_gold": "answer without '#### N'",
 
 
 def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_size=16, max_new_tokens=256,
-                   limit=None, system=None, source_encode_mode="prompt", compile=False) -> dict:
+                   limit=None, system=None, source_encode_mode="prompt", compile=False, chat_kwargs=None) -> dict:
     """Greedy exact-match accuracy on GSM8K-format examples ({"question", "answer"} or {"src", "tgt"}).
     Examples are skipped and counted by reason (SKIP_REASONS) when their answer has no strict '#### N' gold or their
     prompt leaves no room for a new token; accuracy, correct and total are over the examples evaluated (accuracy is
@@ -331,7 +332,7 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], chat: bool, batch_siz
     if not examples:
         raise ValueError("evaluate_gsm8k got no examples")
     questions, golds = zip(*(question_and_gold(ex) for ex in examples))
-    prompts = [build_prompt(tokenizer, q, chat, system, source_encode_mode) for q in questions]
+    prompts = [build_prompt(tokenizer, q, chat, system, source_encode_mode, chat_kwargs) for q in questions]
     skip = {}  # example index -> reason
     for i, (gold, p) in enumerate(zip(golds, prompts)):
         reason = "no_gold" if gold is None else "empty_prompt" if not p else \
@@ -430,8 +431,9 @@ def resolve_model_dir(path) -> Path:
     return max(found, key=lambda f: f.stat().st_mtime).parent
 
 
-def _run_tokenizer(model_dir: Path) -> tuple[str, str, str] | None:
-    """(tokenizer.path, model.path, tokenizer.chat_format) of the train.py run of this checkpoint or export, if known."""
+def run_config(model_dir: Path) -> dict | None:
+    """The resolved config of the train.py run of this checkpoint or export (its tokenizer, model and dataset
+    sections), if known."""
     if (model_dir / "trainer_state.pt").is_file():
         cfg = torch.load(model_dir / "trainer_state.pt", weights_only=False)["config"]
     elif (model_dir.parent / "config.yaml").is_file() and any((model_dir.parent / f).exists()
@@ -440,10 +442,16 @@ def _run_tokenizer(model_dir: Path) -> tuple[str, str, str] | None:
         cfg = yaml.safe_load(open(model_dir.parent / "config.yaml"))
     else:
         return None
-    tok, model = (cfg.get(k) if isinstance(cfg, dict) else None for k in ("tokenizer", "model"))
-    if not (isinstance(tok, dict) and isinstance(model, dict)):
+    if not (isinstance(cfg, dict) and all(isinstance(cfg.get(k), dict) for k in ("tokenizer", "model"))):
         return None  # a YAML file beside the model that is not a train.py run config
-    return tok.get("path") or "", model.get("path") or "", tok.get("chat_format") or ""
+    return cfg
+
+
+def _run_tokenizer(cfg: dict | None) -> tuple[str, str, str] | None:
+    """(tokenizer.path, model.path, tokenizer.chat_format) of a run config."""
+    if cfg is None:
+        return None
+    return cfg["tokenizer"].get("path") or "", cfg["model"].get("path") or "", cfg["tokenizer"].get("chat_format") or ""
 
 
 def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
@@ -454,7 +462,7 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
     files only)."""
     import train
     model_dir = resolve_model_dir(path)
-    run = _run_tokenizer(model_dir)
+    run = _run_tokenizer(run_config(model_dir))
     if tokenizer_path is not None:
         tokenizer = tokenizer_lib.load_tokenizer(str(train.resolve_path(tokenizer_path, "--tokenizer",
                                                                         tokenizer_only=True)))
@@ -480,8 +488,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate with a KV cache, or evaluate GSM8K accuracy.")
     parser.add_argument("model", help="HF directory, hg://org/name, train.py output directory, or train.py checkpoint "
                                       "directory")
-    parser.add_argument("--prompt", help="text to complete (or the user turn with --chat)")
-    parser.add_argument("--chat", action="store_true", help="render with the model's chat format")
+    parser.add_argument("--prompt", action="append", help="text to complete (or the user turn with --chat); repeat "
+                                                           "it for several prompts, generated as one batch")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="render with the model's chat format (default: as the train.py run trained, its "
+                             "dataset.chat_mode; else off)")
+    parser.add_argument("--no-thinking", action="store_true",
+                        help="Qwen3: the non-thinking prompt (apply_chat_template(enable_thinking=False))")
     parser.add_argument("--system", help="system message (with --chat)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -512,28 +525,47 @@ def main(argv=None):
              if getattr(args, o[2:].replace("-", "_")) != parser.get_default(o[2:].replace("-", "_"))]
     if given:
         parser.error("; ".join(given))
+    if not math.isfinite(args.temperature) or not math.isfinite(args.top_p):
+        parser.error("--temperature and --top-p must be finite numbers")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, ValueError) as e:  # a typo (cude), or a backend this torch lacks (mps)
+        parser.error(f"--device {args.device}: this torch cannot use it ({str(e).splitlines()[0].split('. ')[0][:160]})")
+    if args.output and Path(args.output).is_dir():  # known now, not after the whole evaluation
+        parser.error(f"--output {args.output} is a directory; a .jsonl file path is expected")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     try:
-        model, tokenizer = load_model(args.model, args.device, dtype, args.tokenizer)
+        model_dir = resolve_model_dir(args.model)
+        model, tokenizer = load_model(model_dir, args.device, dtype, args.tokenizer)
+        # prompts as the run trained on them (train.py's evaluation builds them so too): its chat_mode, its encoding
+        trained = (run_config(model_dir) or {}).get("dataset") or {}
+        if args.chat is None and trained.get("chat_mode"):
+            print("note: --chat, as the run trained (its dataset.chat_mode=true; --no-chat to override)", file=sys.stderr)
+        chat = args.chat if args.chat is not None else bool(trained.get("chat_mode"))
+        encode_mode = trained.get("source_encode_mode") or "prompt"
+        chat_kwargs = {"enable_thinking": False} if args.no_thinking else None
+        if args.no_thinking and not chat:
+            raise ValueError("--no-thinking needs --chat (a plain prompt has no thinking block)")
         if args.gsm8k:
-            result = evaluate_gsm8k(model, tokenizer, load_jsonl(args.gsm8k, args.limit), args.chat, args.batch_size,
-                                    args.max_new_tokens, args.limit, args.system, compile=args.compile)
+            result = evaluate_gsm8k(model, tokenizer, load_jsonl(args.gsm8k, args.limit), chat, args.batch_size,
+                                    args.max_new_tokens, args.limit, args.system, encode_mode, args.compile, chat_kwargs)
+            print("\n".join(summary_lines(result)))
             if args.output:
                 write_predictions(args.output, result["predictions"])
-            print("\n".join(summary_lines(result)))
             if not result["total"]:
                 skipped = ", ".join(f"{k} {r}" for r, k in result["skipped"].items() if k)
                 raise ValueError(f"none of the {len(result['predictions'])} GSM8K examples could be evaluated: all were "
                                  f"skipped ({skipped})")
         else:
-            prompt = build_prompt(tokenizer, args.prompt, args.chat, args.system)
-            check_token_ids(model, tokenizer, [prompt])
-            [completion] = generate(model, [prompt], args.max_new_tokens, tokenizer.stop_ids, args.temperature,
-                                    args.top_p, args.seed, vocab_size=tokenizer.vocab_size, compile=args.compile,
-                                    top_k=args.top_k)
-            print(tokenizer.decode(completion))
+            prompts = [build_prompt(tokenizer, p, chat, args.system, encode_mode, chat_kwargs) for p in args.prompt]
+            check_token_ids(model, tokenizer, prompts)
+            completions = generate(model, prompts, args.max_new_tokens, tokenizer.stop_ids, args.temperature,
+                                   args.top_p, args.seed, vocab_size=tokenizer.vocab_size, compile=args.compile,
+                                   top_k=args.top_k)
+            for i, completion in enumerate(completions):  # one prompt: its completion alone, as before
+                print(tokenizer.decode(completion) if len(prompts) == 1 else f"--- {i}: {tokenizer.decode(completion)}")
     except (FileNotFoundError, IsADirectoryError, ValueError, ImportError) as e:  # ImportError: huggingface_hub
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1

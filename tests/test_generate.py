@@ -642,6 +642,42 @@ def test_hub_model_paths(llama3_tokenizer_dir, tmp_path, capsys, monkeypatch):
                    "pip install huggingface_hub\n")
 
 
+def test_cli_prompts_follow_the_run_and_bad_options_fail_first(tmp_path, qwen3_tokenizer_dir, monkeypatch, capsys):
+    """A run trained in chat mode is prompted in chat mode (as train.py's evaluation does) unless --no-chat; several
+    --prompt are one batch; --no-thinking is Qwen3's non-thinking prompt; non-finite sampling values, an unknown
+    device and an --output directory are errors before anything runs."""
+    import torch.distributed.checkpoint as dcp
+    from dataclasses import asdict
+    model = tiny_model(vocab_size=261 + 3, tie_embeddings=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt))
+    run_cfg = {"tokenizer": {"path": "byte", "chat_format": ""}, "model": {"name": "demo", "path": ""},
+               "dataset": {"chat_mode": True, "source_encode_mode": "prompt"}}
+    torch.save({"step": 2, "model_args": asdict(model.args), "config": run_cfg}, ckpt / "trainer_state.pt")
+    seen = []
+
+    def fake_generate(model, prompts, *a, **kw):
+        seen.append(prompts)
+        return [[72, 105]] * len(prompts)
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    tok = gen.tokenizer_lib.load_tokenizer("byte")
+    chat = lambda q: gen.build_prompt(tok, q, chat=True)  # noqa: E731
+    assert gen.main([str(ckpt), "--prompt", "a", "--prompt", "b"]) == 0
+    out, err = capsys.readouterr()
+    assert seen[-1] == [chat("a"), chat("b")] and out == "--- 0: Hi\n--- 1: Hi\n"
+    assert "note: --chat, as the run trained (its dataset.chat_mode=true" in err
+    assert gen.main([str(ckpt), "--prompt", "a", "--no-chat"]) == 0
+    assert seen[-1] == [gen.build_prompt(tok, "a", chat=False)] and capsys.readouterr().out == "Hi\n"
+    qwen = gen.tokenizer_lib.load_tokenizer(qwen3_tokenizer_dir)
+    ids = gen.build_prompt(qwen, "q", chat=True, chat_kwargs={"enable_thinking": False})
+    assert qwen.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    for bad, msg in ((["--temperature", "nan"], "must be finite"), (["--device", "bogus"], "--device bogus: this torch"),
+                     (["--gsm8k", "x.jsonl", "--output", str(tmp_path)], "is a directory")):
+        with pytest.raises(SystemExit):
+            gen.main([str(ckpt), *(["--prompt", "a"] if "--gsm8k" not in bad else []), *bad])
+        assert msg in capsys.readouterr().err
+
+
 def test_load_training_outputs(tmp_path):
     """A train.py checkpoint (DCP + trainer_state.pt), and a run directory whose newest output is picked; the byte
     tokenizer (which has no files) comes from the run's config."""
