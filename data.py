@@ -1081,7 +1081,9 @@ def build_loader(cfg: DatasetConfig, tokenizer, split: str, rank=0, world_size=1
             except Exception as e:
                 error = e
         _barrier_sharing_errors(error)
-    data = load_mixture(cfg, tokenizer, split, rank, seed, weighted=infinite) if cfg.sources else \
+    # the training stream is weighted; a validation pass is not (also of the train split)
+    data = load_mixture(cfg, tokenizer, split, rank, seed, weighted=infinite and split == cfg.train_split) \
+        if cfg.sources else \
         load_data(cfg, tokenizer, split, rank)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # pads are never labels
     loader = Loader(data, cfg, rank, world_size, seed, device, infinite, pad_id)

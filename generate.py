@@ -13,9 +13,12 @@ the run's config (tokenizer.path, e.g. "byte"). Only the completion is printed (
 not). A GSM8K run prints what it skipped and its strict-match accuracy (see evaluate_gsm8k); its last line is
 `accuracy: X.XXXX (k/n evaluated; flexible-extract: ...)`.
 
-Prompt formats. --chat: tokenizer.render_chat([system?, user], add_generation_prompt=True). Without --chat the
-prompt is what data.py feeds a src/tgt example before its target: bos + encode(question) (source_encode_mode
-"prompt"), so a model fine-tuned with src_field=question, tgt_field=answer continues with its answer + eos.
+Prompt formats. --chat: tokenizer.render_chat([system?, user], add_generation_prompt=True) (--no-thinking: Qwen3's
+non-thinking prompt, enable_thinking=False). Without it the prompt is what data.py feeds a src/tgt example before
+its target: bos + encode(question) (source_encode_mode "prompt"), so a model fine-tuned with src_field=question,
+tgt_field=answer continues with its answer + eos. For a train.py run, the default is how the run trained: its
+dataset.chat_mode (--chat / --no-chat override it) and its dataset.source_encode_mode. --prompt may be repeated:
+the prompts are generated as one batch.
 
 Batching: prompts of different lengths are right-padded for one prefill; every sequence then continues at its
 own position (cache slot = position; pad slots are overwritten before any query can see them), and sequences
@@ -540,14 +543,16 @@ def main(argv=None):
         model_dir = resolve_model_dir(args.model)
         model, tokenizer = load_model(model_dir, args.device, dtype, args.tokenizer)
         # prompts as the run trained on them (train.py's evaluation builds them so too): its chat_mode, its encoding
-        trained = (run_config(model_dir) or {}).get("dataset") or {}
+        trained = (run_config(model_dir) or {}).get("dataset")
+        trained = trained if isinstance(trained, dict) else {}
         if args.chat is None and trained.get("chat_mode"):
             print("note: --chat, as the run trained (its dataset.chat_mode=true; --no-chat to override)", file=sys.stderr)
         chat = args.chat if args.chat is not None else bool(trained.get("chat_mode"))
         encode_mode = trained.get("source_encode_mode") or "prompt"
         chat_kwargs = {"enable_thinking": False} if args.no_thinking else None
-        if args.no_thinking and not chat:
-            raise ValueError("--no-thinking needs --chat (a plain prompt has no thinking block)")
+        if args.no_thinking and not (chat and tokenizer.chat_format in ("qwen3", "jinja")):
+            raise ValueError("--no-thinking needs --chat and Qwen3's chat format (a thinking block), here: "
+                             + (f"chat_format {tokenizer.chat_format}" if chat else "no --chat"))
         if args.gsm8k:
             result = evaluate_gsm8k(model, tokenizer, load_jsonl(args.gsm8k, args.limit), chat, args.batch_size,
                                     args.max_new_tokens, args.limit, args.system, encode_mode, args.compile, chat_kwargs)

@@ -951,8 +951,7 @@ def train(cfg: Config) -> dict:
         train_loader.stop_at(cfg.regime.num_data_epochs * bpe)  # a last step that reaches past it gets fillers
         binding = "the data epochs" if epoch_steps <= cfg.regime.num_steps else \
             f"regime.num_steps (raise it for all {cfg.regime.num_data_epochs} epochs)"
-        over = f" (a step takes {per_step} batches, an epoch has {bpe}: each step passes over the data more than " \
-            "once)" if per_step > bpe else ""
+        over = f" (a step takes {per_step} batches, an epoch has {bpe})" if per_step > bpe else ""
         if left % per_step and epoch_steps <= cfg.regime.num_steps:
             over += f"; the last step has {left % per_step} of its {per_step} batches (the others are fillers without " \
                 "labels: no example is trained more often than the epochs say)"
@@ -1260,11 +1259,13 @@ def main(argv: list[str]):
             print("interrupted: quit at once; launch the same command again to resume (or finish) from the newest "
                   "complete checkpoint", file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.SIGINT) from None
-        # Another rank died (its own error is in the output above): this one's collective fails with a transport
-        # error. One line, not a 20-line traceback burying the real error among the ranks' output.
-        if dist.is_initialized() and (isinstance(e, dist.DistError) or "Connection closed by peer" in str(e)):
+        # Another rank died (its own error is in the output above): this one's collective fails with gloo's transport
+        # error. One line, not a 20-line traceback burying the real error among the ranks' output. (NCCL's errors can
+        # be a rank's own: they keep their traceback.)
+        if dist.is_initialized() and isinstance(e, RuntimeError) and any(
+                s in str(e) for s in ("Connection closed by peer", "Connection reset by peer")):
             raise SystemExit(f"rank {dist.get_rank()}: stopped: another rank failed (its error is above): "
-                             f"{str(e).splitlines()[0][:200]}") from None
+                             f"{(str(e).splitlines() or [''])[0][:300]}") from None
         raise
     finally:
         if dist.is_initialized():
