@@ -505,11 +505,12 @@ def build_cache(files, cfg: DatasetConfig, tokenizer, out_dir: str) -> None:
         print(f"data: ... and {skipped - 5} more skipped (counted by reason in the report)", file=sys.stderr)
     if len(lengths) == 1:
         shutil.rmtree(tmp, ignore_errors=True)
-        top = max(drops, key=drops.get, default=None)  # the hint follows the main reason
-        hint = {"too_short": "lower dataset.min_seq_len", "too_long": "raise dataset.max_seq_len" + (
-                    "" if cfg.truncate else " (or dataset.truncate=true)"), "missing_field": "check the field names (dataset.src_field / tgt_field / messages_field)",
-                "no_supervised": "check dataset.train_on and the chat roles", "empty_file": "the file holds no records",
-                None: "the file holds no records"}.get(top, "see the skipped examples above")
+        top = max(drops, key=drops.get, default="empty_file")  # the hint follows the main reason
+        hint = {"too_short": "lower dataset.min_seq_len",
+                "too_long": "raise dataset.max_seq_len" + ("" if cfg.truncate else " (or dataset.truncate=true)"),
+                "missing_field": "check the field names (dataset.src_field / tgt_field / messages_field)",
+                "no_supervised": "check dataset.train_on and the chat roles",
+                "empty_file": "the file holds no records"}.get(top, "see the skipped examples above")
         raise ValueError(f"{', '.join(files)[:300]}: no usable examples (read {num_read}, dropped "
                          f"{dict(drops) or 'none'}): {hint}")
     offsets = np.cumsum(np.asarray(lengths, np.int64))

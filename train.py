@@ -743,7 +743,6 @@ def stop_signals():
     handler only sets the flag: printing from it could re-enter a stdout write the signal interrupted. The previous
     handlers come back on exit, also on an error (train() may run inside a notebook)."""
     signalled = [0.0, None]
-    QUIT.clear()
 
     def on_signal(signum, frame):
         if signum == signal.SIGINT and signalled[1] == signal.SIGINT:
@@ -941,6 +940,10 @@ def train(cfg: Config) -> dict:
         step = resumed["step"]
         print0(f"resumed from {ckpts[-1]} at step {step}")
     done = work_done(resumed) if resumed is not None else None  # what completed of its step's work
+    # What of the checkpoint's work did not complete (a stop, a crash or an error came first): the resume does it at
+    # its first step; the end work also when a periodic checkpoint is now the last step (num_steps lowered to it).
+    redo_step_work = resumed is not None and not done
+    redo_end_work = resumed is not None and done != "end"
     if cfg.regime.num_data_epochs:
         # fairseq2's num_data_epochs: num_steps and the epochs are both limits, the earlier one ends the run, and
         # the lr schedule spans the steps actually run. A step takes world x grad_accum of the global batches; what is
@@ -983,7 +986,7 @@ def train(cfg: Config) -> dict:
     metrics_file = None
     if is_master:
         # the work of its step, done again (trimmed: logged once)
-        redo = resumed is not None and (not done or (step >= cfg.regime.num_steps and done != "end"))
+        redo = redo_step_work or (step >= cfg.regime.num_steps and redo_end_work)
         dropped = trim_metrics(out_dir / "metrics.jsonl", step if resumed is not None else -1, step if redo else None)
         if dropped:
             print(f"metrics.jsonl: dropped {dropped} records " + (
@@ -1099,12 +1102,10 @@ def train(cfg: Config) -> dict:
                 g["lr"] = lr
             last = step >= num_steps
             # The work due at a step (validation, evaluation; the final ones after the last step) runs after its
-            # checkpoint, which records it once it completed (mark_done). A resume does it again at its first step
-            # only when it did not complete (a stop, a crash or an error came first), or, for the end work, when the
-            # checkpoint was a periodic one and is now the last step.
-            resuming = step == start_step and resumed is not None
-            fresh = step > start_step or (resuming and not done)
-            end = last and (step > start_step or (resuming and done != "end"))
+            # checkpoint, which records it once it completed (mark_done); at the resume's first step only what the
+            # checkpoint does not record (redo_step_work, redo_end_work).
+            fresh = step > start_step or redo_step_work
+            end = last and (step > start_step or redo_end_work)
             every = lambda n: n > 0 and step % n == 0 and fresh  # noqa: E731
             # The checkpoint before the validation and evaluation: an error in them (e.g. an evaluation prompt longer
             # than the model's context) must not lose the steps since the last one.
